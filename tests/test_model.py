@@ -1,0 +1,249 @@
+"""model.py against transformers on tiny random configs, the KV cache against a full forward,
+batched generation against one prompt at a time, and the errors for bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import model as m
+from conftest import tiny_hf_model
+
+FAMILIES = {
+    "llama": {},
+    "llama_tied_bias_llama3rope": dict(
+        tie_word_embeddings=True, attention_bias=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        rope_theta=500000.0),
+    "mistral_window": dict(sliding_window=8),
+    "qwen2": dict(tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_logits_match_transformers(case, tmp_path):
+    family = case.split("_")[0]
+    hf = tiny_hf_model(family, tmp_path, **FAMILIES[case])
+    ours, _ = m.load(tmp_path, dtype=torch.float32, device="cpu")
+    tokens = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    got = ours(tokens)
+    assert got.shape == (2, 24, 96)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_left_padding_matches_unpadded(tiny_llama):
+    """A left-padded row gives the same logits on its real tokens as the row alone."""
+    model, _ = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    row = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(1))
+    alone = model(row)
+    padded = torch.cat([torch.full((1, 5), 2), row], dim=1)
+    both = model(padded, pad=torch.tensor([5]))
+    assert torch.allclose(both[:, 5:], alone, atol=1e-10)
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_llama):
+    model, _ = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    tokens = torch.randint(3, 96, (3, 20), generator=torch.Generator().manual_seed(2))
+    pad = torch.tensor([0, 4, 7])
+    tokens[1, :4] = 2
+    tokens[2, :7] = 2
+    full = model(tokens, pad=pad)
+    model.setup_cache(3, 20)
+    try:
+        stepwise = [m.prefill(model, tokens[:, :12], pad)]
+        for t in range(12, 20):
+            stepwise.append(m.decode_one_token(model, tokens[:, t], pad, t))
+    finally:
+        model.clear_cache()
+    stepwise = torch.stack(stepwise[:-1], dim=1)  # logits predicting tokens 12..19
+    assert torch.allclose(stepwise, full[:, 11:19], atol=1e-10)
+
+
+def test_batched_ragged_generation_equals_one_at_a_time(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    batched = m.generate(model, tokenizer, prompts, max_new_tokens=12, return_logprobs=True)
+    for i, prompt in enumerate(prompts):
+        single = m.generate(model, tokenizer, [prompt], max_new_tokens=12, return_logprobs=True)
+        assert batched.tokens[i] == single.tokens[0]
+        assert batched.texts[i] == single.texts[0]
+        assert torch.allclose(batched.logprobs[i], single.logprobs[0], atol=1e-8)
+
+
+def test_generated_logprobs_equal_full_forward(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    prompt = [5, 9, 17, 33]
+    out = m.generate(model, tokenizer, [prompt], max_new_tokens=8, temperature=1.0, seed=0, return_logprobs=True)
+    sequence = torch.tensor([prompt + out.tokens[0]])
+    logp = torch.log_softmax(model(sequence)[0, len(prompt) - 1 : -1], dim=-1)
+    expected = logp.gather(-1, torch.tensor(out.tokens[0])[:, None]).squeeze(-1)
+    assert torch.allclose(out.logprobs[0], expected, atol=1e-10)
+
+
+def test_sampling_is_seeded(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, device="cpu")
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9)
+    a = m.generate(model, tokenizer, [[5, 6, 7]] * 4, seed=1, **kw)
+    b = m.generate(model, tokenizer, [[5, 6, 7]] * 4, seed=1, **kw)
+    c = m.generate(model, tokenizer, [[5, 6, 7]] * 4, seed=2, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {m.sample_next(logits, 1.0, 0.7, g).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
+
+
+def test_stop_on_eos_and_stop_strings(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    free = m.generate(model, tokenizer, [[5, 6, 7]], max_new_tokens=10)
+    assert free.finish == ["length"] and len(free.tokens[0]) == 10
+    # Stop at the third generated word: the text is cut before it, and the tokens end with it.
+    third = tokenizer.decode([free.tokens[0][2]])
+    first_hit = free.texts[0].find(third)
+    stopped = m.generate(model, tokenizer, [[5, 6, 7], [5, 6, 7, 8]], max_new_tokens=10, stop=[third], check_every=1)
+    assert stopped.finish[0] == "stop"
+    assert stopped.texts[0] == free.texts[0][:first_hit]
+    # EOS: an output layer under which </s> is always the most likely token.
+    class AlwaysEOS(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full(x.shape[:-1], 2), 96).to(x.dtype)
+
+    model.lm_head = AlwaysEOS()
+    eos = m.generate(model, tokenizer, [[5, 6, 7]], max_new_tokens=10)
+    assert eos.finish == ["eos"] and eos.tokens == [[2]] and eos.texts == [""]
+
+
+# ---- configuration and loading errors
+
+
+def test_unsupported_config_is_refused(tiny_llama, tmp_path):
+    base = json.loads((tiny_llama / "config.json").read_text())
+    for change, message in [
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope"),
+        ({"mlp_bias": True}, "mlp_bias"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            m.ModelArgs.from_config({**base, **change})
+
+
+def test_bad_paths_and_checkpoints(tiny_llama, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        m.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_llama / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        m.load(empty)
+    not_a_model = tmp_path / "plain"
+    not_a_model.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        m.load(not_a_model)
+
+
+def _copy_with_state(src, dst, edit):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(src / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_and_misshapen_tensors(tiny_llama, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    _copy_with_state(tiny_llama, tmp_path / "missing", lambda s: s.pop(name))
+    with pytest.raises(ValueError, match="missing tensors.*layers.1.mlp.up_proj"):
+        m.load(tmp_path / "missing")
+    _copy_with_state(tiny_llama, tmp_path / "shape", lambda s: s.__setitem__(name, s[name][:, :-1].contiguous()))
+    with pytest.raises(ValueError, match="up_proj.weight has shape"):
+        m.load(tmp_path / "shape")
+    _copy_with_state(tiny_llama, tmp_path / "extra", lambda s: s.__setitem__("model.vision_tower.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        m.load(tmp_path / "extra")
+
+
+def test_sharded_checkpoint_loads(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / f, folder / f)
+    state = load_file(tiny_llama / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, folder / shard, metadata={"format": "pt"})
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    sharded, _ = m.load(folder, device="cpu")
+    single, _ = m.load(tiny_llama, device="cpu")
+    tokens = torch.tensor([[4, 5, 6, 7]])
+    assert torch.equal(sharded(tokens), single(tokens))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing shards"):
+        m.load(folder)
+
+
+def test_hub_id_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="cannot reach the Hugging Face hub"):
+        m.resolve("some-org/some-model-that-is-not-cached")
+
+
+def test_hub_cache_is_used(monkeypatch, tiny_llama, tmp_path):
+    """A model already in the huggingface_hub cache resolves offline to its snapshot folder."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_llama, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    assert m.resolve("org/tiny") == snapshot
+    model, _ = m.load("org/tiny", device="cpu")
+    assert model.args.n_layers == 2
+
+
+def test_chat_template_matches_transformers(tmp_path):
+    """Our Jinja rendering equals transformers' apply_chat_template for a ChatML and a Llama-3 style template."""
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import write_tiny_tokenizer
+
+    chatml = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}"
+              "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    llama3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+              "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi there  "}]
+    write_tiny_tokenizer(tmp_path, 16)
+    for template in (chatml, llama3):
+        config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        ours = m.Tokenizer(tmp_path)
+        reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="</s>")
+        reference.chat_template = template
+        for msgs in (messages, messages[1:]):
+            for add in (True, False):
+                assert ours.render_chat(msgs, add) == reference.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add)
