@@ -130,9 +130,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 (as the reference implementations do) and cast back: bf16 sums lose precision.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -455,6 +453,22 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def cpu_layout(name: str, weight: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """On CPU, store a projection with more outputs than inputs column-major (same shape and values).
+
+    Decoding one token is a matrix-vector product per weight, bound by memory reads. MKL's fp32 kernel
+    reads (out, in) weights with out >= in markedly faster when the output dimension is the contiguous
+    one: measured on a 2-core AMD EPYC, gate/up (1536x576) 20 -> 12 ms for 60 matrices, the 49152x576
+    output projection 9.8 -> 4.6 ms; one batch-1 decode step 55 -> 47 ms; batches of 8-32 unchanged.
+    Anything that writes these weights (svf.py's merge) must copy into them in place to keep the layout.
+    """
+    is_projection = weight.ndim == 2 and (name.endswith("_proj.weight") or name == "lm_head.weight"
+                                          or (name == "embed.weight" and args.tie_embeddings))
+    if weight.device.type != "cpu" or not is_projection or weight.shape[0] < weight.shape[1]:
+        return weight
+    return weight.t().contiguous().t()
+
+
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None, device=None):
     """Load (model, tokenizer) from a folder or hub id. Weights are assigned into a meta-device model,
     so nothing is allocated twice."""
@@ -492,7 +506,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | N
                 if tensor.shape != expected[ours]:
                     raise ValueError(f"{file.name}: {hf_name} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(expected[ours])}")
-                state[ours] = tensor.to(device=device, dtype=dtype)
+                state[ours] = cpu_layout(ours, tensor.to(device=device, dtype=dtype), args)
     missing = sorted(set(names.values()) - set(state))
     if missing:
         raise ValueError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
