@@ -188,6 +188,7 @@ class Task:
     """What every task has. Subclasses set name and splits and write _load, prompt and the scoring."""
     name = ""
     splits = ()
+    max_new_tokens = 256  # default reply budget: room for the expected answer, a cap on repetition loops
 
     def load(self, split):
         if split not in self.splits:
@@ -275,6 +276,7 @@ def gsm8k_answer(completion):
 
 class MATH(Task):
     name = "math"
+    max_new_tokens = 512
     splits = ("test", "test500", "shots")
 
     def _load(self, split):
@@ -421,6 +423,7 @@ def arc_letter(completion, labels):
 
 class ARC(Task):
     """ARC-Easy and ARC-Challenge share everything but their name and splits."""
+    max_new_tokens = 64  # the prompt asks for the letter
 
     def _load(self, split):
         source = "validation" if split in ("train", "valid") else split
@@ -558,6 +561,7 @@ EXIT_GUARD_TAIL = "\n_ALL_TESTS_RAN = True\n"
 
 class CodeTask(Task):
     timeout = CODE_TIMEOUT
+    max_new_tokens = 384
 
     def extract(self, example, completion):
         return solution_code(completion)
@@ -688,6 +692,7 @@ def parse_category(text, strict=True):
 class Classification(Task):
     """Task-label classification, the classification expert's training task: which of the three
     training tasks a question comes from. Examples: {"id", "question", "label", "source"}."""
+    max_new_tokens = 32  # a label, boxed
     strict: bool = False  # True: the paper's rule, the label must be boxed
     name = "cls"
     splits = ("train", "valid", "test")

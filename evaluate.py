@@ -1,0 +1,136 @@
+"""Evaluate a model (optionally with an SVF expert) on one task: batched generation, exact scoring.
+
+    python evaluate.py --task gsm8k --split test --limit 100
+    python evaluate.py --task humaneval --batch-size 16
+
+Prints accuracy with its 95% Wilson interval and the number of examples, tokens per second and wall
+time, and writes one JSON line per example (id, prompt, completion, extracted answer, correct, finish
+reason) so every number can be checked by hand.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import model as m
+import tasks
+
+DEFAULTS = dict(
+    model=m.DEFAULT_MODEL,
+    split="test",
+    limit=None,  # first N examples of the split (all when None)
+    batch_size=32,
+    max_new_tokens=None,  # None: the task's own budget
+    out=None,  # JSON Lines of per-example records; default runs/eval-<task>-<split>.jsonl
+)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion: honest at small n and near 0 or 1, unlike p ± 2σ."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def generate_replies(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+                     progress: bool = True, desc: str = "generating", **sampling):
+    """Replies for many token prompts in batches of similar length (less padding); returns
+    (texts, finish reasons, tokens generated) in prompt order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts, finish = [None] * len(prompts), [None] * len(prompts)
+    n_tokens = 0
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        out = m.generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=max_new_tokens, **sampling)
+        for i, text, reason in zip(batch, out.texts, out.finish):
+            texts[i], finish[i] = text, reason
+        n_tokens += out.n_generated
+        bar.update(len(batch))
+    bar.close()
+    return texts, finish, n_tokens
+
+
+def evaluate(model, tokenizer, task, examples, batch_size: int = 32, max_new_tokens: int | None = None,
+             progress: bool = True) -> dict:
+    """Generate greedily for every example and score it. Returns a summary and per-example records."""
+    max_new_tokens = max_new_tokens or task.max_new_tokens
+    prompts_text = [tokenizer.render_chat(task.messages(e)) for e in examples]
+    prompts = [tokenizer.encode(p) for p in prompts_text]
+    start = time.perf_counter()
+    completions, finish, n_tokens = generate_replies(model, tokenizer, prompts, batch_size, max_new_tokens,
+                                                     progress, desc=f"{task.name}")
+    generation_seconds = time.perf_counter() - start
+    correct = task.score_many(examples, completions)
+    records = [
+        {"id": e.get("id"), "prompt": p, "completion": c, "extracted": _jsonable(task.extract(e, c)),
+         "correct": bool(ok), "finish": f}
+        for e, p, c, ok, f in zip(examples, prompts_text, completions, correct, finish)
+    ]
+    k, n = sum(correct), len(examples)
+    low, high = wilson_interval(k, n)
+    return dict(task=task.name, n=n, correct=k, accuracy=k / max(n, 1), interval=(low, high),
+                tokens=n_tokens, seconds=time.perf_counter() - start,
+                tok_per_s=n_tokens / max(generation_seconds, 1e-9),
+                hit_limit=sum(f == "length" for f in finish), records=records)
+
+
+def _jsonable(value):
+    return value if value is None or isinstance(value, (str, int, float, bool, list, dict)) else str(value)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
+    parser.add_argument("--model", default=DEFAULTS["model"], help="local Hugging Face folder or hub id")
+    parser.add_argument("--expert", default=None, help="SVF expert file (.safetensors) to apply to the model")
+    parser.add_argument("--split", default=DEFAULTS["split"])
+    parser.add_argument("--limit", type=int, default=DEFAULTS["limit"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    parser.add_argument("--out", default=DEFAULTS["out"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: free cores)")
+    args = parser.parse_args()
+
+    task = tasks.get(args.task)
+    examples = task.load(args.split)[: args.limit]
+    out = Path(args.out or f"runs/eval-{args.task}-{args.split}.jsonl")
+    threads = m.set_threads(args.threads)
+    config = {**vars(args), "threads": threads, "examples": len(examples),
+              "max_new_tokens": args.max_new_tokens or task.max_new_tokens}
+    print("config: " + json.dumps(config))
+
+    model, tokenizer = m.load(args.model, device=args.device)
+    if args.expert:
+        try:
+            import svf
+        except ImportError:
+            sys.exit("--expert needs svf.py (Singular Value Fine-tuning), which this checkout does not have yet")
+        svf.apply_expert(model, args.expert)
+
+    result = evaluate(model, tokenizer, task, examples, args.batch_size, args.max_new_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for record in result["records"]:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    low, high = result["interval"]
+    print(f"{task.name} {args.split}: accuracy {result['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}, "
+          f"n={result['n']}), {result['tok_per_s']:.1f} tok/s, {result['seconds']:.0f} s, "
+          f"{result['hit_limit']} replies hit the token limit; records in {out}")
+
+
+if __name__ == "__main__":
+    main()

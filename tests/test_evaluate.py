@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import evaluate
+import model as m
+from conftest import ROOT
+
+
+def test_wilson_interval_hand_computed():
+    low, high = evaluate.wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    low, high = evaluate.wilson_interval(0, 60)
+    assert low == 0.0 and high == pytest.approx(3.8416 / 63.8416, abs=1e-6)  # z^2 / (n + z^2)
+
+
+class EchoTask:
+    """A task whose correct answer is, by construction, what the model replies to that prompt alone."""
+    name = "echo"
+    max_new_tokens = 6
+
+    def __init__(self, expected):
+        self.expected = expected
+
+    def messages(self, example):
+        return [{"role": "user", "content": example["question"]}]
+
+    def extract(self, example, completion):
+        return completion
+
+    def score_many(self, examples, completions):
+        return [c == self.expected[e["id"]] for e, c in zip(examples, completions)]
+
+
+def test_batched_evaluation_keeps_prompt_order(tiny_llama):
+    """Prompts are sorted by length for batching; every reply must come back to its own example."""
+    model, tokenizer = m.load(tiny_llama, device="cpu")
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    questions = ["w5 w6 w7 w8 w9 w10 w11", "w3", "w20 w21 w22", "w40 w41 w42 w43 w44", "w90 w91"]
+    examples = [{"id": i, "question": q} for i, q in enumerate(questions)]
+    expected = {i: m.generate(model, tokenizer, [tokenizer.encode(q)], max_new_tokens=6).texts[0]
+                for i, q in enumerate(questions)}
+    expected[3] = "a reply the model does not give"
+    result = evaluate.evaluate(model, tokenizer, EchoTask(expected), examples, batch_size=2, progress=False)
+    assert [r["correct"] for r in result["records"]] == [True, True, True, False, True]
+    assert result["correct"] == 4 and result["n"] == 5 and result["accuracy"] == 0.8
+    assert [r["id"] for r in result["records"]] == [0, 1, 2, 3, 4]
+
+
+def test_command_line_end_to_end(tmp_path):
+    """The real default model on two GSM8K test questions: the records file is written and consistent."""
+    out = tmp_path / "eval.jsonl"
+    run = subprocess.run(
+        [sys.executable, "evaluate.py", "--task", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
+         "--out", str(out), "--threads", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and all(set(r) >= {"id", "prompt", "completion", "extracted", "correct"} for r in records)
+    assert "accuracy" in run.stdout and "n=2" in run.stdout
