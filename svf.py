@@ -1,0 +1,425 @@
+"""Singular Value Fine-tuning (SVF), the paper's §3.1 in code.
+
+Every chosen weight matrix is decomposed once, W = U Σ Vᵀ, and SVF learns one vector z per matrix
+(one number per singular value) that rescales the singular values:
+
+    scale (the paper's formula)      W' = U diag(σ ⊙ z) Vᵀ,                       z initialised at 1
+    mask  (the reference code's)     W' = U diag(σ ⊙ m) Vᵀ · Σσ / Σ(σ ⊙ m),  m = sigmoid(z), z ~ N(0.1, 1e-3)
+
+Both start at (or, for mask, within noise of) the base model. The mask's rescale keeps the nuclear norm
+Σσ of every matrix, so the overall size of m is irrelevant and only its shape across σ matters.
+
+    svf = SVF(model, targets="mlp")          # decompose (cached on disk), swap in SVFLinear layers
+    loss = ...model(tokens)...               # factored forward, gradients reach z only
+    with svf.merged():                       # dense W' in the weights for generation: no per-token cost
+        model.generate(...)
+    with svf.disabled():                     # the base model, same weights, for the KL term
+        ...
+    svf.save_expert("experts/math.safetensors", task="gsm8k")
+
+What this file is not: the RL trainer (reinforce.py) or the adaptation strategies (dispatch.py, cem.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as m
+
+TARGETS = {
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+PARAMETRIZATIONS = ("scale", "mask")
+EXPERT_FORMAT = "transformer2-svf-expert/1"
+
+# How the training forward applies W'. "factored": y = ((x V) ⊙ σ') Uᵀ, never forming W';
+# "materialized": form W' = U diag(σ') Vᵀ once per forward, then one dense product. Chosen by
+# bench/svf.py on the default model (see the README's SVF table); both are tested equal.
+TRAINING_FORWARD = "factored"
+
+
+# ----------------------------------------------------------------------------------------------
+# The scaled singular values and the two forwards
+
+
+def scaled_sigma(S: torch.Tensor, z: torch.Tensor, param: str) -> torch.Tensor:
+    """σ' = σ ⊙ z (scale) or σ ⊙ sigmoid(z) · Σσ / Σ(σ ⊙ sigmoid(z)) (mask). Computed in fp32."""
+    if param == "scale":
+        return S * z
+    masked = S * torch.sigmoid(z)
+    return masked * (S.sum() / masked.sum())  # keep the nuclear norm Σσ: at a uniform mask W' = W
+
+
+def factored_forward(x, U, S, Vh, z, bias, param: str):
+    """(..., n) -> (..., m) through U diag(σ') Vᵀ without forming it: costs r(m + n) per row instead of mn."""
+    sigma = scaled_sigma(S, z, param).to(x.dtype)
+    y = (x @ Vh.transpose(0, 1)) * sigma  # (..., r)
+    y = y @ U.transpose(0, 1)  # (..., m)
+    return y if bias is None else y + bias
+
+
+def materialize(U, S, Vh, z, param: str, dtype=None) -> torch.Tensor:
+    """W' = U diag(σ') Vᵀ as a dense (m, n) matrix."""
+    sigma = scaled_sigma(S, z, param)
+    return ((U.float() * sigma) @ Vh.float()).to(dtype or U.dtype)
+
+
+def materialized_forward(x, U, S, Vh, z, bias, param: str):
+    return F.linear(x, materialize(U, S, Vh, z, param, x.dtype), bias)
+
+
+_compiled = {}
+
+
+def compiled(fn):
+    """torch.compile'd version of a forward (fuses the σ' computation and the scaling into the products);
+    falls back to eager where compilation is unavailable."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+# ----------------------------------------------------------------------------------------------
+# The SVF layer
+
+
+class SVFLinear(nn.Module):
+    """A frozen nn.Linear plus its SVD and a trainable z. Three ways to run:
+    - training (default): W' applied through the factored or materialized forward, gradients reach z;
+    - merged: a dense W' built once (no grad) and used like an ordinary weight, for generation;
+    - disabled: the original weight, untouched, for the base policy."""
+
+    def __init__(self, base: nn.Linear, U, S, Vh, param: str, z: torch.Tensor):
+        super().__init__()
+        self.base = base  # keeps the original weight, never modified
+        self.register_buffer("U", U, persistent=False)  # (m, r)
+        self.register_buffer("S", S, persistent=False)  # (r,) fp32, descending
+        self.register_buffer("Vh", Vh, persistent=False)  # (r, n)
+        self.z = nn.Parameter(z)  # (r,) fp32
+        self.param = param
+        self.mode = "train"  # "train" | "merged" | "disabled"
+        self.merged_weight: torch.Tensor | None = None
+        self.forward_kind = TRAINING_FORWARD
+        self.use_compile = False
+
+    def forward(self, x):
+        if self.mode == "disabled":
+            return self.base(x)
+        if self.mode == "merged":
+            return F.linear(x, self.merged_weight, self.base.bias)
+        fn = factored_forward if self.forward_kind == "factored" else materialized_forward
+        if self.use_compile:
+            fn = compiled(fn)
+        return fn(x, self.U, self.S, self.Vh, self.z, self.base.bias, self.param)
+
+    @torch.no_grad()
+    def merge(self):
+        weight = materialize(self.U, self.S, self.Vh, self.z.detach(), self.param, self.base.weight.dtype)
+        self.merged_weight = m.wide_column_major(weight)  # the layout model.load gives projections
+        self.mode = "merged"
+
+    def unmerge(self):
+        self.merged_weight = None
+        self.mode = "train"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which matrices, and their SVD (computed once in fp32, cached on disk)
+
+
+def target_names(model: m.Transformer, targets: str = "mlp", layers=None) -> list[str]:
+    """Module names of the matrices SVF adapts, e.g. layers.3.mlp.up_proj."""
+    if targets not in TARGETS:
+        raise ValueError(f"unknown targets {targets!r}; choose one of {sorted(TARGETS)}")
+    layers = range(model.args.n_layers) if layers is None else sorted(layers)
+    bad = [i for i in layers if not 0 <= i < model.args.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {model.args.n_layers} layers")
+    names = []
+    for i in layers:
+        for proj in TARGETS[targets]:
+            names.append(f"layers.{i}.{'mlp' if proj in TARGETS['mlp'] else 'attn'}.{proj}")
+    return names
+
+
+def weight_fingerprint(model: m.Transformer, names: list[str]) -> str:
+    """A hash of what the SVD depends on: names, shapes, dtypes and cheap statistics of every target
+    weight. A different model, target set or changed weights gives a different key."""
+    h = hashlib.sha256()
+    modules = dict(model.named_modules())
+    for name in names:
+        w = modules[name].weight.detach()
+        stats = torch.stack([w.double().sum(), w.double().square().sum(), w.double().abs().max()]).tolist()
+        h.update(json.dumps([name, list(w.shape), str(w.dtype), stats, w.flatten()[:16].double().tolist()]).encode())
+    return h.hexdigest()
+
+
+def svd_cache_path(key: str) -> Path:
+    return m.CACHE_DIR / "svd" / f"svd-{key[:20]}.safetensors"
+
+
+def decompose(model: m.Transformer, names: list[str], cache: bool = True, progress: bool = True):
+    """{name: (U, S, Vh)} for each target weight. U and Vh in the weight's dtype and device, S in fp32.
+    Reads the on-disk cache when its key matches, else computes the SVD in fp32 and writes the cache
+    atomically (temporary file, then rename)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    modules = dict(model.named_modules())
+    key = weight_fingerprint(model, names)
+    path = svd_cache_path(key)
+    device, dtype = modules[names[0]].weight.device, modules[names[0]].weight.dtype
+    if cache and path.exists():
+        try:
+            stored = load_file(path, device=str(device))
+            ok = all(f"{n}.{part}" in stored for n in names for part in ("U", "S", "Vh"))
+            if ok and _read_key(path) == key:
+                return {n: (stored[f"{n}.U"].to(dtype), stored[f"{n}.S"].float(), stored[f"{n}.Vh"].to(dtype)) for n in names}
+            print(f"[svf] SVD cache {path} does not match this model; recomputing", file=sys.stderr)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            print(f"[svf] SVD cache {path} is unreadable ({e.__class__.__name__}: {e}); recomputing", file=sys.stderr)
+
+    factors = {}
+    for name in tqdm(names, desc="SVD (fp32)", disable=not progress, unit="matrix"):
+        w = modules[name].weight.detach().float()
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (m, r), (r,), (r, n), S descending
+        factors[name] = (U.to(dtype).contiguous(), S, Vh.to(dtype).contiguous())
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{n}.{part}": t.cpu() for n, f in factors.items() for part, t in zip(("U", "S", "Vh"), f)}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata={"key": key, "names": json.dumps(names)})
+        os.replace(tmp, path)
+    return factors
+
+
+def _read_key(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("key")
+
+
+# ----------------------------------------------------------------------------------------------
+# SVF on a whole model
+
+
+def initial_z(r: int, param: str, generator=None, init_std: float | None = None) -> torch.Tensor:
+    if param == "scale":
+        return torch.ones(r)  # z = 1 is W itself
+    std = math.sqrt(1e-3) if init_std is None else init_std  # the paper's "mean 0.1, variance 1e-3"
+    return 0.1 + std * torch.randn(r, generator=generator)
+
+
+class SVF:
+    """SVF applied to a model: target layers swapped for SVFLinear, one z per matrix."""
+
+    def __init__(self, model: m.Transformer, targets: str = "mlp", param: str = "scale", layers=None,
+                 seed: int = 0, init_std: float | None = None, cache: bool = True, progress: bool = True):
+        if param not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {param!r}; choose one of {PARAMETRIZATIONS}")
+        self.model, self.targets, self.param = model, targets, param
+        self.layers = None if layers is None else sorted(layers)
+        self.names = target_names(model, targets, layers)
+        factors = decompose(model, self.names, cache=cache, progress=progress)
+        generator = torch.Generator().manual_seed(seed)
+        self.modules: dict[str, SVFLinear] = {}
+        for name in self.names:
+            parent_name, child = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            U, S, Vh = factors[name]
+            z = initial_z(S.numel(), param, generator, init_std).to(S.device)
+            layer = SVFLinear(getattr(parent, child), U, S, Vh, param, z)
+            setattr(parent, child, layer)
+            self.modules[name] = layer
+        if progress:
+            print(f"[svf] {param} on {targets} ({len(self.names)} matrices): {self.num_parameters():,} trainable "
+                  f"parameters (the base model has {sum(p.numel() for p in model.parameters()) - self.num_parameters():,})",
+                  file=sys.stderr)
+
+    # -- the trainable vectors
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [layer.z for layer in self.modules.values()]
+
+    def num_parameters(self) -> int:
+        return sum(z.numel() for z in self.parameters())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """{module name: z}, detached copies on the CPU."""
+        return {name: layer.z.detach().float().cpu().clone() for name, layer in self.modules.items()}
+
+    @torch.no_grad()
+    def load_state(self, z: dict[str, torch.Tensor]):
+        missing = sorted(set(self.names) - set(z))
+        if missing:
+            raise ValueError(f"z vectors missing for {missing[:3]} ({len(missing)} in all)")
+        for name, layer in self.modules.items():
+            if z[name].shape != layer.z.shape:
+                raise ValueError(f"{name}: z has shape {tuple(z[name].shape)}, this model needs {tuple(layer.z.shape)}")
+            layer.z.copy_(z[name].to(layer.z.device, layer.z.dtype))
+        for layer in self.modules.values():
+            if layer.mode == "merged":
+                layer.merge()  # keep a merged model in step with its z
+
+    # -- modes
+
+    def set_mode(self, mode: str):
+        for layer in self.modules.values():
+            if mode == "merged":
+                layer.merge()
+            elif layer.mode == "merged":
+                layer.unmerge()
+            layer.mode = mode
+
+    @contextlib.contextmanager
+    def merged(self):
+        """Dense W' in every target layer for the duration: generation at the base model's speed."""
+        previous = next(iter(self.modules.values())).mode
+        self.set_mode("merged")
+        try:
+            yield self
+        finally:
+            self.set_mode(previous)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model (original weights) for the duration: the reference policy of the KL term."""
+        previous = next(iter(self.modules.values())).mode
+        self.set_mode("disabled")
+        try:
+            yield self
+        finally:
+            self.set_mode(previous)
+
+    def configure_forward(self, kind: str = TRAINING_FORWARD, use_compile: bool = False):
+        if kind not in ("factored", "materialized"):
+            raise ValueError(f"unknown forward {kind!r}: factored or materialized")
+        for layer in self.modules.values():
+            layer.forward_kind, layer.use_compile = kind, use_compile
+
+    def remove(self):
+        """Put the original nn.Linear layers back: the model is the base model again."""
+        for name, layer in self.modules.items():
+            parent_name, child = name.rsplit(".", 1)
+            setattr(self.model.get_submodule(parent_name), child, layer.base)
+        self.modules = {}
+
+    # -- experts on disk
+
+    def metadata(self, **extra) -> dict[str, str]:
+        shapes = {name: list(layer.base.weight.shape) for name, layer in self.modules.items()}
+        sigma = torch.cat([layer.S.float().cpu() for layer in self.modules.values()])
+        return {
+            "format": EXPERT_FORMAT, "param": self.param, "targets": self.targets,
+            "layers": json.dumps(self.layers), "shapes": json.dumps(shapes),
+            "sigma_fingerprint": hashlib.sha256(sigma.round(decimals=3).numpy().tobytes()).hexdigest()[:16],
+            "n_layers": str(self.model.args.n_layers), **{k: str(v) for k, v in extra.items()},
+        }
+
+    def save_expert(self, path, **extra):
+        """z vectors as safetensors (one tensor per matrix) with metadata; written atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(self.state(), tmp, metadata=self.metadata(**extra))
+        os.replace(tmp, path)
+        return path
+
+    def load_expert(self, path, shuffle_seed: int | None = None):
+        """Load an expert's z. An expert from another model of the same shapes loads on purpose
+        (cross-model transfer, paper Tables 5 and 9); shuffle_seed permutes each z so it no longer
+        follows the order of the singular values (the paper's control)."""
+        z, meta = read_expert(path)
+        check_fits(self, z, meta, path)
+        if meta.get("sigma_fingerprint") != self.metadata()["sigma_fingerprint"]:
+            print(f"[svf] {path} was trained on a model with other singular values: transferring it by shape "
+                  f"(cross-model)", file=sys.stderr)
+        if shuffle_seed is not None:
+            g = torch.Generator().manual_seed(shuffle_seed)
+            z = {name: v[torch.randperm(v.numel(), generator=g)] for name, v in z.items()}
+        self.load_state(z)
+        return meta
+
+
+def read_expert(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"expert file {path} not found (train one with: python train.py --task gsm8k)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            z = {k: f.get_tensor(k).float() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); was it truncated?") from e
+    if meta.get("format") != EXPERT_FORMAT:
+        raise ValueError(f"{path} is not an SVF expert (metadata format {meta.get('format')!r}, expected {EXPERT_FORMAT!r})")
+    return z, meta
+
+
+def check_fits(svf: SVF, z: dict, meta: dict, path):
+    if meta["param"] != svf.param or meta["targets"] != svf.targets:
+        raise ValueError(f"{path} is a {meta['param']} expert on {meta['targets']}; this SVF is {svf.param} on {svf.targets}")
+    if set(z) != set(svf.names):
+        raise ValueError(f"{path} adapts other matrices than this model ({len(z)} vs {len(svf.names)}; "
+                         f"e.g. {sorted(set(z) ^ set(svf.names))[:2]}): it was trained for another architecture or layer set")
+    wrong = [n for n in svf.names if z[n].numel() != svf.modules[n].z.numel()]
+    if wrong:
+        raise ValueError(f"{path} does not fit this model: {wrong[0]} has {z[wrong[0]].numel()} singular values "
+                         f"in the expert and {svf.modules[wrong[0]].z.numel()} here ({len(wrong)} matrices differ)")
+
+
+def apply_expert(model: m.Transformer, path, merge: bool = True) -> SVF:
+    """SVF with the targets and parametrization an expert file names, its z loaded, merged for generation."""
+    _, meta = read_expert(path)
+    svf = SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
+    svf.load_expert(path)
+    if merge:
+        svf.set_mode("merged")
+    return svf
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixing experts (what few-shot adaptation searches over)
+
+
+def mix(experts: list[dict[str, torch.Tensor]], alpha: torch.Tensor, param: str, layer_of=None) -> dict[str, torch.Tensor]:
+    """z' = Σ_k α_k z_k, mixed in the space of the multiplier that scales σ.
+
+    scale: the multiplier is z itself, so this is the paper's formula as written.
+    mask:  the multiplier is sigmoid(z); we mix those (not the raw logits, which the reference code did
+           while training through the sigmoid) and divide by Σα: the nuclear-norm rescale makes the
+           overall size of a mask irrelevant, and this keeps it inside (0, 1) so it maps back to a z.
+    alpha: (K,) one weight per expert, or (K, n_layers) one per expert and layer (layer_of(name) gives
+           a module's layer index; by default parsed from "layers.<i>.").
+    """
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    if alpha.shape[0] != len(experts):
+        raise ValueError(f"alpha has {alpha.shape[0]} rows for {len(experts)} experts")
+    layer_of = layer_of or (lambda name: int(name.split(".")[1]))
+    mixed = {}
+    for name in experts[0]:
+        a = alpha if alpha.ndim == 1 else alpha[:, layer_of(name)]
+        if param == "scale":
+            mixed[name] = sum(a[k] * experts[k][name] for k in range(len(experts)))
+        else:
+            mask = sum(a[k] * torch.sigmoid(experts[k][name]) for k in range(len(experts))) / a.sum().clamp(min=1e-8)
+            mixed[name] = torch.logit(mask.clamp(1e-6, 1 - 1e-6))
+    return mixed
