@@ -250,6 +250,12 @@ class Transformer(nn.Module):
         positions count from each row's first real token. start: the cache slot of tokens[:, 0]
         (0 without a cache). Every row shares the slot index, which is why prompts are left-padded.
         """
+        x = self.hidden_states(tokens, pad, start)
+        return self.lm_head(x[:, -1:] if last_only else x).float()  # logits in fp32 whatever the weights are
+
+    def hidden_states(self, tokens, pad: torch.Tensor | None = None, start: int = 0):
+        """tokens (B, T) -> final normalised hidden states (B, T, dim), before the output projection
+        (training computes logits only where it needs them: the vocabulary is the largest matrix)."""
         B, T = tokens.shape
         device = tokens.device
         pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
@@ -261,8 +267,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, start)
-        x = self.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x).float()  # logits in fp32 whatever the weights are
+        return self.norm(x)
 
     def setup_cache(self, batch_size: int, max_len: int):
         p = self.embed.weight

@@ -1,0 +1,146 @@
+"""REINFORCE with a KL penalty for SVF experts, the paper's training objective (§3.1, docs/paper.md §2):
+
+    J(z) = E[ log π_{W'}(ŷ | x) · A ] − λ · KL(π_{W'} ‖ π_W)
+
+One step: (1) rollouts — the current z merged into the weights, batched generation with the KV cache,
+no gradients; (2) rewards r ∈ {−1, +1} from the task's exact scorer; (3) advantages A = r − mean(r)
+(--baseline mean, the default) or A = r (--baseline none, the paper's exact setting); (4) the loss on
+the generated tokens, through the factored SVF forward so gradients reach z only, accumulated over
+micro-batches; (5) gradient clipping and an AdamW update.
+
+Why a baseline by default: with A = r and a model that is right less than half the time, most
+rewards are −1 and every update pushes down whatever the model said, well-formed answers included.
+On the default model this collapsed ARC-Easy validation accuracy from 0.21 to 0.06 in 25 steps
+(docs/findings.md). The paper's base models were right 40–90% of the time, so it did not show there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import model as m
+
+
+@dataclass
+class Rollouts:
+    """One batch of generated replies and their rewards."""
+
+    prompts: list[list[int]]
+    completions: list[list[int]]  # generated ids, EOS included when the model stopped by itself
+    texts: list[str]
+    correct: list[bool]
+    rewards: torch.Tensor  # (B,) ±1
+
+    def advantages(self, baseline: str) -> torch.Tensor:
+        if baseline == "mean":
+            return self.rewards - self.rewards.mean()
+        if baseline == "none":
+            return self.rewards
+        raise ValueError(f"unknown baseline {baseline!r}: mean or none")
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_size: int = 16,
+            temperature: float = 0.0, seed: int | None = None) -> Rollouts:
+    """Generate with z merged into the weights (zero per-token overhead), then score each reply."""
+    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
+    completions, texts = [], []
+    with svf.merged():
+        for start in range(0, len(prompts), batch_size):
+            out = m.generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=None if seed is None else seed + start)
+            completions += out.tokens
+            texts += out.texts
+    correct = task.score_many(examples, texts)
+    rewards = torch.tensor([task.reward(c) for c in correct], dtype=torch.float32)
+    return Rollouts(prompts, completions, texts, correct, rewards)
+
+
+def completion_logprobs(model, prompts, completions, with_base: bool = True, svf=None):
+    """Log-probabilities of each generated token under the current policy (with grad), and the KL
+    divergence KL(π_{W'} ‖ π_W) at each generated position (the base policy is the same model with
+    SVF switched off: no second copy of the weights). Returns (logp (B, L), kl (B, L), mask (B, L)),
+    L the longest completion; mask marks real tokens."""
+    device = model.embed.weight.device
+    B = len(prompts)
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    T = max(map(len, seqs))
+    L = max(max(map(len, completions)), 1)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    pad = torch.tensor([T - len(s) for s in seqs])
+    targets = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for i, (s, c) in enumerate(zip(seqs, completions)):
+        tokens[i, T - len(s):] = torch.tensor(s)
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, : len(c)] = True
+    tokens, pad, targets, mask = tokens.to(device), pad.to(device), targets.to(device), mask.to(device)
+
+    # Completions are right-aligned (left padding): the row's completion tokens sit in the last len(c)
+    # slots, predicted by the hidden states one slot earlier. Take L slots ending one before the end.
+    def logits_at_completions(hidden):
+        h = hidden[:, T - L - 1 : T - 1]  # (B, L, dim) predicting slots T-L .. T-1
+        lengths = torch.tensor([len(c) for c in completions], device=device)
+        # Row i's completion occupies the last lengths[i] of those L slots; move it to the front.
+        index = (torch.arange(L, device=device)[None, :] + (L - lengths)[:, None]).clamp(max=L - 1)
+        h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
+        return model.lm_head(h).float()  # (B, L, vocab)
+
+    logits = logits_at_completions(model.hidden_states(tokens, pad))
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
+    kl = torch.zeros_like(logp)
+    if with_base:
+        with torch.no_grad(), svf.disabled():
+            base_logp_all = F.log_softmax(logits_at_completions(model.hidden_states(tokens, pad)), dim=-1)
+        # KL(π' ‖ π) = Σ_v π'(v) (log π'(v) − log π(v)), exact over the vocabulary at every position.
+        kl = (logp_all.exp() * (logp_all - base_logp_all)).sum(-1)
+    return logp * mask, kl * mask, mask
+
+
+def policy_loss(logp, kl, mask, advantages, kl_coef: float):
+    """−mean_i(A_i · Σ_t log π(ŷ_it)) + λ · mean over generated tokens of KL. The sum over a reply's
+    tokens follows the reference code (its whole answer is one action); the batch mean keeps the scale
+    independent of the batch size."""
+    advantages = advantages.to(logp.device)
+    pg = -(advantages * logp.sum(-1)).mean()
+    kl_mean = kl.sum() / mask.sum().clamp(min=1)
+    return pg + kl_coef * kl_mean, pg.detach(), kl_mean.detach()
+
+
+def make_optimizer(parameters, lr: float, total_steps: int):
+    """AdamW with cosine decay to 0 (the paper). No weight decay: it would pull z towards 0, and for the
+    scale parametrization z = 0 is a zero matrix, not a neutral one."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))))
+    return optimizer, scheduler
+
+
+def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: str = "mean", kl_coef: float = 0.0,
+               micro_batch: int = 8, clip: float = 1e-3, autocast_dtype=None) -> dict:
+    """One update from a batch of rollouts, accumulated over micro-batches. Returns logged numbers."""
+    advantages = rollouts.advantages(baseline)
+    B = len(rollouts.prompts)
+    optimizer.zero_grad(set_to_none=True)
+    pg_total, kl_total = 0.0, 0.0
+    device = model.embed.weight.device
+    for start in range(0, B, micro_batch):
+        sl = slice(start, start + micro_batch)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logp, kl, mask = completion_logprobs(model, rollouts.prompts[sl], rollouts.completions[sl],
+                                                 with_base=True, svf=svf)
+            loss, pg, kl_mean = policy_loss(logp, kl, mask, advantages[sl], kl_coef)
+        share = len(rollouts.prompts[sl]) / B  # micro-batch losses are means: weight them into the batch mean
+        (loss * share).backward()
+        pg_total += pg.item() * share
+        kl_total += kl_mean.item() * share
+    grad_norm = torch.nn.utils.clip_grad_norm_(svf.parameters(), clip).item()
+    optimizer.step()
+    scheduler.step()
+    return dict(reward=rollouts.rewards.mean().item(), accuracy=sum(rollouts.correct) / B, pg_loss=pg_total,
+                kl=kl_total, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])

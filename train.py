@@ -1,0 +1,262 @@
+"""Train an SVF expert with REINFORCE on one task (the paper's §3.1; reinforce.py holds the objective).
+
+    python train.py --task gsm8k                 # the paper's settings on a GPU; a small preset on a CPU
+    python train.py --task cls --steps 30        # the classification expert z^c
+    python train.py --task arc_easy --resume     # continue from runs/arc_easy-.../checkpoint.pt
+
+Evaluates on the validation split before training and every --eval-every steps, keeps the best z by
+validation accuracy (the paper's early stopping), and evaluates that expert and the base model on the
+test split at the end. Writes to --out: config.json, metrics.jsonl, checkpoint.pt (atomic; --resume
+continues from it; Ctrl-C saves one), expert.safetensors (the best z, with its metadata and command),
+and learning_curve.png when matplotlib is installed.
+"""
+
+import argparse
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import evaluate
+import model as m
+import reinforce
+import svf as svf_lib
+import tasks
+
+# The paper's settings (Table 6), with the mean-reward baseline (see reinforce.py for why).
+PAPER = dict(
+    targets="mlp", param="mask", kl=0.0, baseline="mean", lr=2e-3, clip=1e-3,
+    batch_size=256, micro_batch=16, gen_batch=64, steps=None, epochs=1,
+    max_new_tokens=None, eval_every=5, eval_limit=None, test_limit=None, autocast=None,
+)
+# A preset for a CPU-only machine given no flags: about 20-30 minutes on 2 cores and still learning.
+# Measured settings of a prototype on the default model (docs/findings.md): batch 16, lr 1e-2, MLP
+# targets, short replies, bf16 autocast for forward+backward, about 20 s per step.
+CPU_PRESET = dict(
+    batch_size=16, micro_batch=8, gen_batch=16, steps=30, lr=1e-2, eval_every=5,
+    eval_limit=100, test_limit=200, autocast="bf16",
+)
+CPU_REPLY_TOKENS = {"cls": 24, "arc_easy": 24, "gsm8k": 128, "mbpp": 128}
+TRAINABLE_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")
+VALID_SPLIT = "valid"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", required=True, choices=TRAINABLE_TASKS)
+    p.add_argument("--model", default=m.DEFAULT_MODEL)
+    p.add_argument("--targets", choices=sorted(svf_lib.TARGETS))
+    p.add_argument("--param", choices=svf_lib.PARAMETRIZATIONS, help="scale: the paper's formula; mask: the reference code's")
+    p.add_argument("--kl", type=float, help="λ, weight of KL(π_W' || π_W)")
+    p.add_argument("--baseline", choices=("mean", "none"), help="advantage r - mean(r), or r (the paper's exact setting)")
+    p.add_argument("--batch-size", type=int, help="prompts per update (the paper: 256)")
+    p.add_argument("--micro-batch", type=int, help="prompts per forward+backward (gradient accumulation)")
+    p.add_argument("--gen-batch", type=int, help="prompts per generation batch")
+    p.add_argument("--steps", type=int, help="updates (default: --epochs over the train split)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--clip", type=float, help="max gradient norm")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, default=0.0, help="rollout sampling; 0 is greedy, as the reference code")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-limit", type=int, help="validation examples per evaluation (default: all)")
+    p.add_argument("--test-limit", type=int, help="test examples in the final evaluation (default: all)")
+    p.add_argument("--autocast", choices=("bf16", "none"), help="bf16 autocast for forward+backward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/<task>-<param>-<targets>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
+                   help="auto: the CPU preset when there is no GPU, else the paper's settings")
+    return p.parse_args(argv)
+
+
+def resolve_config(args) -> dict:
+    """Flags given on the command line win; the rest come from the preset."""
+    device = torch.device(args.device) if args.device else m.default_device()
+    preset = args.preset if args.preset != "auto" else ("cpu" if device.type == "cpu" else "paper")
+    config = dict(PAPER)
+    if preset == "cpu":
+        config.update(CPU_PRESET)
+        config["max_new_tokens"] = CPU_REPLY_TOKENS[args.task]
+    for key, value in vars(args).items():
+        if value is not None or key not in config:
+            config[key] = value
+    config["preset"] = preset
+    config["device"] = str(device)
+    config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
+    config["out"] = config["out"] or f"runs/{args.task}-{config['param']}-{config['targets']}"
+    config["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    return config
+
+
+def batches(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples for a step: a fresh seeded permutation each epoch, so the order depends
+    only on (seed, step) and a resumed run sees exactly the examples an uninterrupted one would."""
+    per_epoch = max(n_examples // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    order = list(range(n_examples))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def save_checkpoint(path: Path, state: dict):
+    """torch.save to a temporary file, then rename: an interrupted write never replaces a good checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say what to do rather than show a pickle trace
+        raise RuntimeError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}); "
+                           f"delete it to start over, or restore a copy") from e
+
+
+def evaluate_split(model, tokenizer, svf, task, examples, config, use_svf=True):
+    context = svf.merged() if use_svf else svf.disabled()
+    with context:
+        return evaluate.evaluate(model, tokenizer, task, examples, batch_size=config["gen_batch"] * 2,
+                                 max_new_tokens=config["max_new_tokens"], progress=False)
+
+
+def plot(history: list[dict], path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [h for h in history if "reward" in h]
+    valid = [h for h in history if "valid_accuracy" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in train], [h["accuracy"] for h in train], label="train batch accuracy", alpha=0.6)
+    ax.errorbar([h["step"] for h in valid], [h["valid_accuracy"] for h in valid],
+                yerr=[[h["valid_accuracy"] - h["valid_interval"][0] for h in valid],
+                      [h["valid_interval"][1] - h["valid_accuracy"] for h in valid]],
+                marker="o", capsize=3, label="validation accuracy (95% CI)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = resolve_config(args)
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    threads = m.set_threads(args.threads)
+    print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU_PRESET in train.py)" if config["preset"] == "cpu" else ""))
+    print("config: " + json.dumps({**config, "threads": threads}))
+
+    task = tasks.get(config["task"])
+    train_set, valid_set = task.load("train"), task.load(VALID_SPLIT)[: config["eval_limit"]]
+    test_set = task.load("test")[: config["test_limit"]]
+    steps = config["steps"] or max(int(config["epochs"] * len(train_set) / config["batch_size"]), 1)
+    model, tokenizer = m.load(config["model"], device=config["device"])
+    torch.manual_seed(config["seed"])
+    svf = svf_lib.SVF(model, targets=config["targets"], param=config["param"], seed=config["seed"])
+    optimizer, scheduler = reinforce.make_optimizer(svf.parameters(), config["lr"], steps)
+    autocast = torch.bfloat16 if config["autocast"] == "bf16" else None
+
+    checkpoint_path = out / "checkpoint.pt"
+    history, start_step, best = [], 0, None
+    if config["resume"]:
+        state = load_checkpoint(checkpoint_path)
+        svf.load_state(state["z"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_step, best = state["history"], state["step"], state["best"]
+        print(f"[train] resumed from {checkpoint_path} at step {start_step}")
+    else:
+        (out / "metrics.jsonl").write_text("")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    def log(record):
+        history.append(record)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint(step):
+        save_checkpoint(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                              torch_rng=torch.get_rng_state(), history=history, step=step, best=best,
+                                              config=config))
+
+    def validate(step):
+        nonlocal best
+        result = evaluate_split(model, tokenizer, svf, task, valid_set, config)
+        log(dict(step=step, valid_accuracy=result["accuracy"], valid_interval=result["interval"], valid_n=result["n"]))
+        if best is None or result["accuracy"] > best["accuracy"]:
+            best = dict(step=step, accuracy=result["accuracy"], interval=result["interval"], z=svf.state())
+        return result
+
+    started = time.perf_counter()
+    if start_step == 0:
+        validate(0)
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {task.name}")
+    step = start_step
+    try:
+        for step in bar:
+            examples = [train_set[i] for i in batches(len(train_set), config["batch_size"], config["seed"], step)]
+            rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
+                                         batch_size=config["gen_batch"], temperature=config["temperature"],
+                                         seed=config["seed"] * 1000003 + step)
+            stats = reinforce.train_step(model, svf, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
+                                         config["micro_batch"], config["clip"], autocast)
+            log(dict(step=step + 1, **stats))
+            if (step + 1) % config["eval_every"] == 0 or step + 1 == steps:
+                validate(step + 1)
+            last_valid = next(h for h in reversed(history) if "valid_accuracy" in h)["valid_accuracy"]
+            bar.set_postfix(reward=f"{stats['reward']:+.2f}", kl=f"{stats['kl']:.4f}", valid=f"{last_valid:.2f}")
+            checkpoint(step + 1)
+    except KeyboardInterrupt:
+        # Every finished step is already checkpointed (atomically); the step in progress is dropped, so a
+        # resumed run repeats it exactly rather than applying half of it twice.
+        print(f"\n[train] interrupted during step {step + 1}: {checkpoint_path} holds step {step}; continue with --resume")
+        sys.exit(130)
+    bar.close()
+
+    # The best expert by validation accuracy, then base vs expert on the test split.
+    svf.load_state(best["z"])
+    expert_path = svf.save_expert(out / "expert.safetensors", task=task.name, base_model=str(config["model"]),
+                                  step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"])
+    base_test = evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
+    expert_test = evaluate_split(model, tokenizer, svf, task, test_set, config)
+    minutes = (time.perf_counter() - started) / 60
+    valid0 = history[0]["valid_accuracy"] if history and "valid_accuracy" in history[0] else float("nan")
+    summary = dict(task=task.name, steps=steps, best_step=best["step"], valid_before=valid0, valid_best=best["accuracy"],
+                   test_n=base_test["n"], test_base=base_test["accuracy"], test_base_interval=base_test["interval"],
+                   test_expert=expert_test["accuracy"], test_expert_interval=expert_test["interval"], minutes=minutes,
+                   expert=str(expert_path))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for name, result in (("base", base_test), ("expert", expert_test)):
+        with open(out / f"test-{name}.jsonl", "w") as f:
+            for record in result["records"]:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    figure = plot(history, out / "learning_curve.png")
+    print(f"[train] {task.name}: valid {valid0:.3f} -> {best['accuracy']:.3f} (best at step {best['step']}); "
+          f"test n={base_test['n']}: base {base_test['accuracy']:.3f} [{base_test['interval'][0]:.3f}, {base_test['interval'][1]:.3f}] "
+          f"-> expert {expert_test['accuracy']:.3f} [{expert_test['interval'][0]:.3f}, {expert_test['interval'][1]:.3f}]; "
+          f"{minutes:.1f} min; expert {expert_path}" + (f"; curve {figure}" if figure else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
