@@ -210,6 +210,10 @@ class Task:
     def extract(self, example, completion):
         raise NotImplementedError
 
+    def reference(self, example) -> str:
+        """A correct reply in the form the prompt asks for: the target of supervised (next-token) training."""
+        raise NotImplementedError(f"{self.name} has no reference replies")
+
     def score(self, example, completion) -> bool:
         return self.score_many([example], [completion])[0]
 
@@ -248,6 +252,11 @@ class GSM8K(Task):
 
     def gold(self, example):
         return parse_number(example["answer"].split("#### ")[-1])
+
+    def reference(self, example):
+        # The worked solution without its calculator annotations, ending in the phrase the prompt asks for.
+        work, final = example["answer"].split("#### ")
+        return re.sub(r"<<[^>]*>>", "", work).strip() + f"\nThe answer is {final.strip()}."
 
     def extract(self, example, completion):
         value = gsm8k_answer(completion)
@@ -449,6 +458,10 @@ class ARC(Task):
     def extract(self, example, completion):
         return arc_letter(completion, example["choices"]["label"])
 
+    def reference(self, example):
+        choices = example["choices"]
+        return f"{example['answerKey']}. {choices['text'][choices['label'].index(example['answerKey'])]}"
+
     def _score(self, example, completion):
         return arc_letter(completion, example["choices"]["label"]) == example["answerKey"]
 
@@ -610,6 +623,9 @@ class MBPP(CodeTask):
         code = solution_code(completion) or ""
         return "\n".join([code, example["test_setup_code"], *example["test_list"]]) + "\n"
 
+    def reference(self, example):
+        return "```python\n" + example["code"].replace("\r\n", "\n").strip() + "\n```"
+
 
 class HumanEval(CodeTask):
     name = "humaneval"
@@ -718,6 +734,9 @@ class Classification(Task):
 
     def extract(self, example, completion):
         return parse_category(completion, strict=self.strict)
+
+    def reference(self, example):
+        return f"Classification: `\\boxed{{{example['label']}}}`"  # the format the paper's prompt asks for
 
     def _score(self, example, completion):
         return parse_category(completion, strict=self.strict) == example["label"]

@@ -12,6 +12,7 @@ and learning_curve.png when matplotlib is installed.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate
@@ -73,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--method", choices=("svf", "lora"), default="svf", help="what is trained: SVF z vectors or LoRA (q, v)")
+    p.add_argument("--objective", choices=("rl", "nexttoken"), default="rl",
+                   help="REINFORCE on the task's reward, or supervised next-token loss on reference replies")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="auto: the CPU preset when there is no GPU, else the paper's settings")
     return p.parse_args(argv)
@@ -92,7 +98,8 @@ def resolve_config(args) -> dict:
     config["preset"] = preset
     config["device"] = str(device)
     config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
-    config["out"] = config["out"] or f"runs/{args.task}-{config['param']}-{config['targets']}"
+    adapter = f"{config['param']}-{config['targets']}" if config["method"] == "svf" else "lora"
+    config["out"] = config["out"] or f"runs/{args.task}-{adapter}-{config['objective']}"
     config["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     return config
 
@@ -122,6 +129,97 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # a truncated or foreign file: say what to do rather than show a pickle trace
         raise RuntimeError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}); "
                            f"delete it to start over, or restore a copy") from e
+
+
+class LoRALinear(nn.Module):
+    """W x + (α/r) B A dropout(x), with A (r, in) random and B (out, r) zero, so training starts at W."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale, self.dropout = alpha / rank, dropout
+        self.mode = "train"  # "train" (dropout on) | "merged" (no dropout, for generation) | "disabled" (W alone)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.mode == "disabled":
+            return y
+        x = F.dropout(x, self.dropout, training=self.mode == "train")
+        return y + (x @ self.A.to(x.dtype).t() @ self.B.to(x.dtype).t()) * self.scale
+
+
+class LoRA:
+    """The baseline of the paper's Tables 1 and 4: LoRA on q and v (rank 16, alpha 32, dropout 0.05),
+    with the same interface as svf.SVF so the training loop serves both."""
+
+    def __init__(self, model, rank=16, alpha=32, dropout=0.05, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.modules = {}
+        for i, layer in enumerate(model.layers):
+            for proj in ("q_proj", "v_proj"):
+                lora = LoRALinear(getattr(layer.attn, proj), rank, alpha, dropout, generator).to(model.embed.weight.device)
+                setattr(layer.attn, proj, lora)
+                self.modules[f"layers.{i}.attn.{proj}"] = lora
+        print(f"[lora] rank {rank} on q and v: {sum(p.numel() for p in self.parameters()):,} trainable parameters", file=sys.stderr)
+
+    def parameters(self):
+        return [p for lora in self.modules.values() for p in (lora.A, lora.B)]
+
+    def state(self):
+        return {f"{name}.{part}": getattr(lora, part).detach().cpu().clone() for name, lora in self.modules.items() for part in "AB"}
+
+    @torch.no_grad()
+    def load_state(self, state):
+        for name, lora in self.modules.items():
+            lora.A.copy_(state[f"{name}.A"])
+            lora.B.copy_(state[f"{name}.B"])
+
+    @contextlib.contextmanager
+    def _mode(self, mode):
+        for lora in self.modules.values():
+            lora.mode = mode
+        try:
+            yield self
+        finally:
+            for lora in self.modules.values():
+                lora.mode = "train"
+
+    def merged(self):
+        return self._mode("merged")
+
+    def disabled(self):
+        return self._mode("disabled")
+
+    def save_expert(self, path, **extra):
+        from safetensors.torch import save_file
+
+        tmp = Path(str(path) + ".tmp")
+        save_file(self.state(), tmp, metadata={"format": "transformer2-lora/1", **{k: str(v) for k, v in extra.items()}})
+        os.replace(tmp, path)
+        return Path(path)
+
+
+def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):
+    """Supervised baseline: mean negative log-likelihood of the reference reply (then EOS) given the prompt."""
+    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
+    targets = [tokenizer.encode(task.reference(e)) + tokenizer.eos_ids[:1] for e in examples]
+    n_tokens = sum(map(len, targets))
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    device = model.embed.weight.device
+    for start in range(0, len(examples), micro_batch):
+        sl = slice(start, start + micro_batch)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logp, _, _ = reinforce.completion_logprobs(model, prompts[sl], targets[sl], with_base=False)
+            loss = -logp.sum() / n_tokens  # every token of the batch weighs the same
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip).item()
+    optimizer.step()
+    scheduler.step()
+    return dict(nll=total, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
 
 
 def evaluate_split(model, tokenizer, svf, task, examples, config, use_svf=True):
@@ -171,7 +269,10 @@ def main(argv=None):
     steps = config["steps"] or max(int(config["epochs"] * len(train_set) / config["batch_size"]), 1)
     model, tokenizer = m.load(config["model"], device=config["device"])
     torch.manual_seed(config["seed"])
-    svf = svf_lib.SVF(model, targets=config["targets"], param=config["param"], seed=config["seed"])
+    if config["method"] == "lora":
+        svf = LoRA(model, seed=config["seed"])
+    else:
+        svf = svf_lib.SVF(model, targets=config["targets"], param=config["param"], seed=config["seed"])
     optimizer, scheduler = reinforce.make_optimizer(svf.parameters(), config["lr"], steps)
     autocast = torch.bfloat16 if config["autocast"] == "bf16" else None
 
@@ -215,16 +316,21 @@ def main(argv=None):
     try:
         for step in bar:
             examples = [train_set[i] for i in batches(len(train_set), config["batch_size"], config["seed"], step)]
-            rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
-                                         batch_size=config["gen_batch"], temperature=config["temperature"],
-                                         seed=config["seed"] * 1000003 + step)
-            stats = reinforce.train_step(model, svf, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
-                                         config["micro_batch"], config["clip"], autocast)
+            if config["objective"] == "nexttoken":
+                stats = nexttoken_step(model, svf, tokenizer, task, examples, optimizer, scheduler,
+                                       config["micro_batch"], config["clip"], autocast)
+            else:
+                rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
+                                             batch_size=config["gen_batch"], temperature=config["temperature"],
+                                             seed=config["seed"] * 1000003 + step)
+                stats = reinforce.train_step(model, svf, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
+                                             config["micro_batch"], config["clip"], autocast)
             log(dict(step=step + 1, **stats))
             if (step + 1) % config["eval_every"] == 0 or step + 1 == steps:
                 validate(step + 1)
             last_valid = next(h for h in reversed(history) if "valid_accuracy" in h)["valid_accuracy"]
-            bar.set_postfix(reward=f"{stats['reward']:+.2f}", kl=f"{stats['kl']:.4f}", valid=f"{last_valid:.2f}")
+            shown = {k: f"{stats[k]:.3f}" for k in ("reward", "kl", "nll") if k in stats}
+            bar.set_postfix(**shown, valid=f"{last_valid:.2f}")
             checkpoint(step + 1)
     except KeyboardInterrupt:
         # Every finished step is already checkpointed (atomically); the step in progress is dropped, so a

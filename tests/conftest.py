@@ -59,3 +59,17 @@ def tiny_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama")
     tiny_hf_model("llama", folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def sharp_tiny_llama(tmp_path_factory):
+    """A tiny Llama with larger weights. At transformers' init (std 0.02) a tiny network's output is
+    nearly uniform whatever its adapters do; with these, training has outputs it can actually move."""
+    folder = tmp_path_factory.mktemp("sharp_tiny_llama")
+    model = tiny_hf_model("llama", folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.mul_(20 if name == "lm_head.weight" else 20 ** 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,6 +1,8 @@
 """REINFORCE on SVF: the sign of the update, the KL term, learning on a synthetic task, and train.py's
 checkpointing (resume, atomic writes, corrupt files)."""
 
+import json
+
 import pytest
 import torch
 
@@ -90,16 +92,13 @@ class EvenFirstToken:
     def reward(self, correct):
         return 1.0 if correct else -1.0
 
+    def reference(self, example):
+        return "w4 w6"
 
-def test_it_learns_a_synthetic_task(tiny_llama):
+
+def test_it_learns_a_synthetic_task(sharp_tiny_llama):
     """A few dozen steps of sampled rollouts raise the mean reward: it learns, it does not just run."""
-    model, tokenizer = m.load(tiny_llama, device="cpu")
-    # At transformers' init (std 0.02) the tiny network's output is nearly uniform whatever z does;
-    # larger weights give it outputs that rescaling singular values can actually move.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.mul_(20 if name == "lm_head.weight" else 20 ** 0.5)
+    model, tokenizer = m.load(sharp_tiny_llama, device="cpu")
     svf = svf_lib.SVF(model, targets="all", param="scale", cache=False, progress=False)
     task = EvenFirstToken(tokenizer)
     examples = task.load("train")
@@ -118,10 +117,11 @@ def test_it_learns_a_synthetic_task(tiny_llama):
 
 
 @pytest.fixture
-def tiny_run(tiny_llama, monkeypatch, tmp_path):
+def tiny_run(sharp_tiny_llama, monkeypatch, tmp_path):
     import tasks
     import train
 
+    tiny_llama = sharp_tiny_llama
     _, tokenizer = m.load(tiny_llama, device="cpu")
     monkeypatch.setattr(tasks, "get", lambda name, **kw: EvenFirstToken(tokenizer))
 
@@ -188,3 +188,30 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         train.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="start without --resume"):
         train.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_lora_starts_at_the_base_model_and_disables(tiny_llama):
+    import train
+
+    model, _ = m.load(tiny_llama, device="cpu")
+    tokens = torch.randint(3, 96, (2, 10))
+    base = model(tokens)
+    lora = train.LoRA(model, rank=4, alpha=8)
+    assert torch.equal(model(tokens), base)  # B = 0
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_()
+    with lora.merged():
+        moved = model(tokens)
+    with lora.disabled():
+        assert torch.equal(model(tokens), base)
+    assert (moved - base).abs().max() > 1e-3
+    assert len(lora.parameters()) == 2 * 2 * 2  # A and B on q and v of 2 layers
+
+
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_nexttoken_objective_lowers_the_reference_nll(tiny_run, tmp_path, method):
+    tiny_run(tmp_path / method, "--method", method, "--objective", "nexttoken", "--steps", "20", "--lr", "0.1")
+    nll = [json.loads(line)["nll"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()
+           if "nll" in json.loads(line)]
+    assert len(nll) == 20 and sum(nll[-3:]) / 3 < sum(nll[:3]) / 3 - 0.5, nll  # nats per token

@@ -300,3 +300,17 @@ def test_mbpp_reference_solutions_all():
 @pytest.mark.slow
 def test_humaneval_canonical_solutions_all():
     check_humaneval(tasks.get("humaneval").load("test"))
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "arc_easy", "cls"])
+def test_reference_replies_score_correct(name):
+    """The targets of next-token training are replies our own scorer accepts (code tasks: see the slow suite)."""
+    task = tasks.get(name)
+    examples = task.load("train")
+    assert all(task.score(e, task.reference(e)) for e in examples)
+
+
+def test_mbpp_reference_replies_pass_their_tests():
+    task = tasks.get("mbpp")
+    examples = task.load("train")[:10]
+    assert all(task.score_many(examples, [task.reference(e) for e in examples]))
