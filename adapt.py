@@ -1,0 +1,124 @@
+"""Self-adaptation on an unseen task with SVF experts: two-pass inference (dispatch.py).
+
+    python adapt.py --mode fewshot --task arc_challenge          # α by CEM on 10 shots, then the test prompts
+    python adapt.py --mode prompt --task humaneval               # the base model picks an expert per prompt
+    python adapt.py --mode cls --task math --split test500       # the classification expert picks
+    python adapt.py --mode expert --expert-name math --task math # one fixed expert
+    python adapt.py --mode none --task arc_challenge             # the base model
+
+Prints, and writes as JSON: accuracy with its 95% interval on the prompts not used as shots (and how
+many); for prompt/cls the chosen categories (the paper's Figure 6) and classification accuracy; for
+fewshot the α per expert (Figure 7) and the CEM iterations and evaluations; pass-1 and pass-2 wall
+time and their ratio (Table 3).
+"""
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import cem
+import dispatch
+import evaluate
+import model as m
+import tasks
+
+DEFAULTS = dict(experts="experts", shots=10, split=None, limit=None, batch_size=32, cem="light")
+DEFAULT_SPLIT = {"math": "test500", "arc_challenge": "test", "humaneval": "test"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", required=True, choices=("none", "prompt", "cls", "fewshot", "expert"))
+    p.add_argument("--task", default="arc_challenge", choices=sorted(set(tasks.TASKS) - {"cls"}))
+    p.add_argument("--experts", default=DEFAULTS["experts"], help="folder of expert files")
+    p.add_argument("--expert-name", default=None, help="for --mode expert: code, math or reasoning")
+    p.add_argument("--model", default=m.DEFAULT_MODEL)
+    p.add_argument("--split", default=DEFAULTS["split"], help="default: test (MATH: test500)")
+    p.add_argument("--limit", type=int, default=DEFAULTS["limit"], help="score only the first N prompts")
+    p.add_argument("--shots", type=int, default=DEFAULTS["shots"])
+    p.add_argument("--per-layer", action="store_true", help="one α per expert and layer (else per expert)")
+    p.add_argument("--normalize", action="store_true", help="Σα = 1")
+    p.add_argument("--cem", choices=("light", "full"), default=DEFAULTS["cem"],
+                   help="light: the paper's CEM-light (3 generations of 16); full: 32 per generation, up to 100")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.mode == "expert" and not args.expert_name:
+        p.error("--mode expert needs --expert-name (code, math or reasoning)")
+
+    task = tasks.get(args.task)
+    split = args.split or DEFAULT_SPLIT.get(args.task, "test")
+    # The shots are drawn (and left out of the score) in every mode, so rows of different modes score the same prompts.
+    shots, scored, shot_split = dispatch.shots_and_scored(task, split, args.shots, args.seed, args.limit)
+    threads = m.set_threads(args.threads)
+    out = Path(args.out or f"runs/adapt-{args.mode}-{args.task}.json")
+    print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
+
+    model, tokenizer = m.load(args.model, device=args.device)
+    two = dispatch.TwoPass(model, tokenizer, dispatch.load_experts(args.experts), args.batch_size)
+    report = dict(mode=args.mode, task=task.name, split=split, scored=len(scored),
+                  shots=len(shots) if args.mode == "fewshot" else 0, shots_excluded_from=shot_split)
+
+    start = time.perf_counter()
+    if args.mode in ("prompt", "cls"):
+        choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls")
+        truth = dispatch.CATEGORY_OF_TASK[task.name]
+        counts = Counter(c or "base (others / unreadable)" for c in choices)
+        report["chosen"] = dict(counts)
+        report["classification_accuracy"] = sum(c == truth for c in choices) / len(choices)
+    elif args.mode == "fewshot":
+        settings = cem.LIGHT if args.cem == "light" else cem.Settings()
+        settings = cem.Settings(**{**settings.__dict__, "normalize": args.normalize, "seed": args.seed})
+        names, result = two.fewshot_alpha(task, shots, settings, args.per_layer,
+                                          log=lambda h: print(f"[cem] iteration {h['iteration']}: best score {h['best_score']}"))
+        mixed = two.mixed(names, result.best)
+        choices = [mixed] * len(scored)
+        alpha = result.best if not args.per_layer else result.best.mean(dim=1)
+        report.update(alpha=dict(zip(names, alpha.tolist())), alpha_full=result.best.tolist(),
+                      cem_iterations=result.iterations, cem_evaluations=result.evaluations,
+                      shot_score=list(result.best_score), cem_history=result.history)
+    elif args.mode == "expert":
+        if args.expert_name not in two.experts:
+            raise SystemExit(f"no expert {args.expert_name!r} in {args.experts} (have {sorted(two.experts)})")
+        choices = [args.expert_name] * len(scored)
+    else:
+        choices = [None] * len(scored)
+    pass1 = time.perf_counter() - start
+
+    start = time.perf_counter()
+    replies = two.answer(task, scored, choices)
+    pass2 = time.perf_counter() - start
+    correct = task.score_many(scored, replies)
+    k, n = sum(correct), len(scored)
+    low, high = evaluate.wilson_interval(k, n)
+    report.update(correct=k, accuracy=k / n, interval=[low, high], pass1_seconds=pass1, pass2_seconds=pass2,
+                  pass1_share_of_pass2=pass1 / pass2 if pass2 else None,
+                  records=[dict(id=e["id"], choice=c if c is None or isinstance(c, str) else "mixed", reply=r, correct=ok)
+                           for e, c, r, ok in zip(scored, choices, replies, correct)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out)
+
+    print(f"\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
+    print(f"|---|---|---:|---:|---|---:|---:|---:|")
+    print(f"| {args.mode} | {task.name} ({split}) | {n} | {k / n:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
+          f"{pass1 / pass2:.0%} |")
+    if "chosen" in report:
+        print(f"chosen experts: {report['chosen']}; classification accuracy {report['classification_accuracy']:.3f} "
+              f"(the true category of {task.name} is {dispatch.CATEGORY_OF_TASK[task.name]})")
+    if "alpha" in report:
+        print(f"α: {', '.join(f'{k} {v:.3f}' for k, v in report['alpha'].items())}; CEM {report['cem_iterations']} iterations, "
+              f"{report['cem_evaluations']} evaluations of {len(shots)} shots (from {shot_split}, not scored)")
+    print(f"written to {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Two-pass inference with expert vectors (paper §3.2): pass 1 decides z', pass 2 answers with W'.
+
+Strategies for pass 1:
+    prompt    the base model classifies each prompt with the paper's Figure 3 prompt; the boxed
+              category picks that expert; 'others' or an unreadable reply means the base weights
+              (never "whichever expert was loaded last", the reference code's bug).
+    cls       the same prompt, answered with the classification expert z^c merged in.
+    fewshot   z' = Σ_k α_k z_k with α found by cem.py on a few held-out shots of the target task,
+              once per task; every remaining prompt is then answered with that z'.
+    none      the base model; expert NAME: one fixed expert (comparison rows).
+Prompts that chose the same expert are answered together, so each expert is merged once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import cem
+import evaluate
+import model as m
+import svf as svf_lib
+import tasks
+
+EXPERT_OF_TASK = {"gsm8k": "math", "mbpp": "code", "arc_easy": "reasoning", "cls": "classifier"}
+EXPERT_NAMES = ("code", "math", "reasoning")  # the order of α
+CATEGORY_OF_TASK = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code",
+                    "arc_easy": "reasoning", "arc_challenge": "reasoning"}
+CLASSIFY_TOKENS = 32
+
+
+def load_experts(folder) -> dict[str, tuple[dict, dict]]:
+    """{name: (z, metadata)} for the expert files in a folder. The name comes from the task in the
+    metadata (gsm8k -> math, mbpp -> code, arc_easy -> reasoning, cls -> classifier), else the file name."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no expert files (*.safetensors) in {folder}; train them with "
+                                f"python train.py --task gsm8k|mbpp|arc_easy|cls, or pass --experts DIR")
+    experts = {}
+    for path in files:
+        z, meta = svf_lib.read_expert(path)
+        name = EXPERT_OF_TASK.get(meta.get("task"), path.stem)
+        if name in experts:
+            raise ValueError(f"two experts for {name!r} in {folder}: keep one")
+        experts[name] = (z, meta)
+    kinds = {(meta["param"], meta["targets"], meta.get("layers", "null")) for _, meta in experts.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"the experts in {folder} were trained with different settings {sorted(kinds)}; mix only like with like")
+    return experts
+
+
+class TwoPass:
+    """One model with SVF set up for a set of experts; runs pass 1 and pass 2."""
+
+    def __init__(self, model, tokenizer, experts: dict[str, tuple[dict, dict]], batch_size: int = 32):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.experts = {name: z for name, (z, _) in experts.items()}
+        meta = next(iter(experts.values()))[1]
+        self.svf = svf_lib.SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
+        for name, (z, meta) in experts.items():
+            svf_lib.check_fits(self.svf, z, meta, f"expert {name!r}")
+
+    def use(self, name_or_z):
+        """A context with the given expert (name or z dict) merged in, or the base weights for None."""
+        if name_or_z is None:
+            return self.svf.disabled()
+        self.svf.load_state(self.experts[name_or_z] if isinstance(name_or_z, str) else name_or_z)
+        return self.svf.merged()
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        return evaluate.generate_replies(self.model, self.tokenizer, prompts, self.batch_size, max_new_tokens, **kw)
+
+    # -- pass 1
+
+    def classify(self, questions: list[str], with_classifier: bool, progress: bool = True):
+        """The expert each question should use: 'code' / 'math' / 'reasoning', or None for the base
+        weights ('others', or a reply with no boxed category: the paper's strict rule). Returns
+        (choices, pass-1 replies)."""
+        if with_classifier and "classifier" not in self.experts:
+            raise ValueError("mode cls needs a classification expert (train.py --task cls) in the experts folder")
+        prompts = [self.tokenizer.encode_chat(tasks.classification_messages(q)) for q in questions]
+        with self.use("classifier" if with_classifier else None):
+            replies, _, _ = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify")
+        categories = [tasks.parse_category(r, strict=True) for r in replies]
+        return [c if c in self.experts and c in EXPERT_NAMES else None for c in categories], replies
+
+    # -- pass 2
+
+    def answer(self, task, examples, choices: list, progress: bool = True) -> list[str]:
+        """Replies for every example, each with its chosen expert (a name, a z dict shared by all, or None).
+        Examples that chose the same expert are generated together: one merge per expert."""
+        prompts = [self.tokenizer.encode_chat(task.messages(e)) for e in examples]
+        replies = [None] * len(examples)
+        groups: dict = {}
+        for i, choice in enumerate(choices):
+            key = choice if choice is None or isinstance(choice, str) else id(choice)
+            groups.setdefault(key, (choice, []))[1].append(i)
+        for key, (choice, indices) in groups.items():
+            label = "base" if choice is None else choice if isinstance(choice, str) else "mixed"
+            with self.use(choice):
+                texts, _, _ = self.generate([prompts[i] for i in indices], task.max_new_tokens, progress=progress,
+                                            desc=f"pass 2: {label}")
+            for i, text in zip(indices, texts):
+                replies[i] = text
+        return replies
+
+    # -- few-shot adaptation
+
+    def fewshot_alpha(self, task, shots, settings: cem.Settings, per_layer: bool = False, log=None):
+        """α over the experts (code, math, reasoning), by CEM on the shots. Score: accuracy on the shots,
+        ties broken by the mean log-likelihood of the tokens of the correct replies (paper A.4)."""
+        names = [n for n in EXPERT_NAMES if n in self.experts]
+        zs = [self.experts[n] for n in names]
+        prompts = [self.tokenizer.encode_chat(task.messages(e)) for e in shots]
+        shape = (len(names), self.model.args.n_layers) if per_layer else (len(names),)
+
+        def score(alpha):
+            with self.use(svf_lib.mix(zs, alpha, self.svf.param)):
+                out = m.generate(self.model, self.tokenizer, prompts, max_new_tokens=task.max_new_tokens, return_logprobs=True)
+            correct = task.score_many(shots, out.texts)
+            right = [lp for lp, ok in zip(out.logprobs, correct) if ok]
+            loglik = torch.cat(right).mean().item() if right else float("-inf")
+            return (sum(correct) / len(shots), loglik)
+
+        settings = cem.Settings(**{**settings.__dict__, "init_mean": 1.0 / len(names)})
+        result = cem.maximize(score, shape, settings, log=log)
+        return names, result
+
+    def mixed(self, names, alpha) -> dict:
+        return svf_lib.mix([self.experts[n] for n in names], alpha, self.svf.param)
+
+
+def shots_and_scored(task, split: str, n_shots: int, seed: int = 0, limit: int | None = None):
+    """Few-shot examples from the task's own validation data where it exists (or MATH's pool outside
+    MATH-500), else from the evaluated split; prompts used as shots are never scored. Every mode scores
+    the same prompts, so the rows of a comparison are comparable."""
+    import random
+
+    evaluated = task.load(split)
+    pool_split = next((s for s in ("validation", "valid", "shots") if s in task.splits and s != split), None)
+    pool = task.load(pool_split) if pool_split else evaluated
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    shots = [pool[i] for i in order[:n_shots]] if n_shots else []
+    shot_ids = {e["id"] for e in shots}
+    scored = [e for e in evaluated if e["id"] not in shot_ids][:limit]
+    return shots, scored, pool_split or split
