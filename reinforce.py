@@ -127,18 +127,23 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
     advantages = rollouts.advantages(baseline)
     B = len(rollouts.prompts)
     optimizer.zero_grad(set_to_none=True)
-    pg_total, kl_total = 0.0, 0.0
+    pg_total, kl_values = 0.0, []
     device = model.embed.weight.device
     for start in range(0, B, micro_batch):
         sl = slice(start, start + micro_batch)
+        # The base model's forward is needed for the loss only when λ > 0; otherwise KL is measured on
+        # the first micro-batch alone, for the log, which saves a forward pass per micro-batch.
+        with_base = kl_coef > 0 or start == 0
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logp, kl, mask = completion_logprobs(model, rollouts.prompts[sl], rollouts.completions[sl],
-                                                 with_base=True, svf=svf)
+                                                 with_base=with_base, svf=svf)
             loss, pg, kl_mean = policy_loss(logp, kl, mask, advantages[sl], kl_coef)
         share = len(rollouts.prompts[sl]) / B  # micro-batch losses are means: weight them into the batch mean
         (loss * share).backward()
         pg_total += pg.item() * share
-        kl_total += kl_mean.item() * share
+        if with_base:
+            kl_values.append(kl_mean.item())
+    kl_total = sum(kl_values) / len(kl_values)
     grad_norm = torch.nn.utils.clip_grad_norm_(svf.parameters(), clip).item()
     optimizer.step()
     scheduler.step()

@@ -85,8 +85,8 @@ _compiled = {}
 
 
 def compiled(fn):
-    """torch.compile'd version of a forward (fuses the σ' computation and the scaling into the products);
-    falls back to eager where compilation is unavailable."""
+    """torch.compile'd version of a forward (fuses the σ' computation and the scaling into the products).
+    Needs a working compiler toolchain (a C++ compiler on CPU, Triton on GPU)."""
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)
     return _compiled[fn]
@@ -234,6 +234,7 @@ class SVF:
         self.model, self.targets, self.param = model, targets, param
         self.layers = None if layers is None else sorted(layers)
         self.names = target_names(model, targets, layers)
+        model.requires_grad_(False)  # only z learns: no gradient of a base weight is ever computed or kept
         factors = decompose(model, self.names, cache=cache, progress=progress)
         generator = torch.Generator().manual_seed(seed)
         self.modules: dict[str, SVFLinear] = {}
@@ -286,24 +287,22 @@ class SVF:
             layer.mode = mode
 
     @contextlib.contextmanager
-    def merged(self):
-        """Dense W' in every target layer for the duration: generation at the base model's speed."""
+    def mode(self, mode: str):
+        """Every target layer in the given mode for the duration, then back to the mode it had."""
         previous = next(iter(self.modules.values())).mode
-        self.set_mode("merged")
+        self.set_mode(mode)
         try:
             yield self
         finally:
             self.set_mode(previous)
 
-    @contextlib.contextmanager
+    def merged(self):
+        """Dense W' in every target layer: generation at the base model's speed."""
+        return self.mode("merged")
+
     def disabled(self):
-        """The base model (original weights) for the duration: the reference policy of the KL term."""
-        previous = next(iter(self.modules.values())).mode
-        self.set_mode("disabled")
-        try:
-            yield self
-        finally:
-            self.set_mode(previous)
+        """The base model (original weights): the reference policy of the KL term."""
+        return self.mode("disabled")
 
     def configure_forward(self, kind: str = TRAINING_FORWARD, use_compile: bool = False):
         if kind not in ("factored", "materialized"):
@@ -384,6 +383,14 @@ def check_fits(svf: SVF, z: dict, meta: dict, path):
     if wrong:
         raise ValueError(f"{path} does not fit this model: {wrong[0]} has {z[wrong[0]].numel()} singular values "
                          f"in the expert and {svf.modules[wrong[0]].z.numel()} here ({len(wrong)} matrices differ)")
+    # Equal z lengths do not make equal matrices: r = min(m, n) hides a change of the longer side
+    # (another MLP width), and a z is only meaningful on a matrix of the shape it was trained for.
+    shapes = json.loads(meta.get("shapes", "{}"))
+    here = {n: list(svf.modules[n].base.weight.shape) for n in svf.names}
+    wrong = [n for n in svf.names if n in shapes and shapes[n] != here[n]]
+    if wrong:
+        raise ValueError(f"{path} does not fit this model: {wrong[0]} is {tuple(shapes[wrong[0]])} in the expert's model "
+                         f"and {tuple(here[wrong[0]])} here ({len(wrong)} matrices differ)")
 
 
 def apply_expert(model: m.Transformer, path, merge: bool = True) -> SVF:
