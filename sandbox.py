@@ -89,6 +89,10 @@ MEMORY_LIMIT = 2 * 1024**3        # bytes of address space
 FILE_SIZE_LIMIT = 16 * 1024**2    # bytes per file written (stderr included)
 MAX_PROCESSES = 32                # processes and threads of one sandbox
 SCRATCH_SIZE = 64 * 1024**2       # bytes in the private /tmp (namespace mode)
+# The interpreter that runs programs: the real one behind a virtual environment's symlink. Programs
+# need only the standard library, and a venv kept under /tmp (a CI checkout, say) would be hidden by
+# the private /tmp mounted over it.
+PROGRAM_PYTHON = os.path.realpath(sys.executable)
 DETAIL_CHARS = 2000               # tail of stderr kept in Outcome.detail
 SANDBOX_UIDS = range(2_000_000_000, 2_100_000_000)  # no real user or subuid range lives up here
 LAUNCH_FAILED = 125               # exit status of the launcher when it cannot start the program
@@ -380,10 +384,10 @@ def _launch(program_path: str, cpu_seconds: int, uid: int | None, max_processes:
         workdir, program_path = "/tmp", "/tmp/program.py"
         with open(program_path, "wb") as f:
             f.write(source)
-        command = [sys.executable, "-s", "-P", program_path]
+        command = [PROGRAM_PYTHON, "-s", "-P", program_path]
     else:
         workdir = os.path.join(os.path.dirname(program_path), "work")
-        command = [sys.executable, "-s", "-P", "-c", NETWORK_GUARD, program_path]
+        command = [PROGRAM_PYTHON, "-s", "-P", "-c", NETWORK_GUARD, program_path]
 
     for limit, value in [(resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, MEMORY_LIMIT),
                          (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT),
@@ -404,9 +408,9 @@ def _launch(program_path: str, cpu_seconds: int, uid: int | None, max_processes:
     os.chdir(workdir)
     os.environ["HOME"] = workdir
     try:
-        os.execv(sys.executable, command)
+        os.execv(command[0], command)
     except PermissionError as error:
-        raise PermissionError(f"{error}; uid {os.getuid()} cannot reach {sys.executable}: "
+        raise PermissionError(f"{error}; uid {os.getuid()} cannot reach {command[0]}: "
                               "without a mount namespace the Python installation must be "
                               "readable by every user") from None
 
