@@ -106,8 +106,8 @@ def main(argv=None):
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out)
 
-    print(f"\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
-    print(f"|---|---|---:|---:|---|---:|---:|---:|")
+    print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
     print(f"| {args.mode} | {task.name} ({split}) | {n} | {k / n:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
           f"{pass1 / pass2:.0%} |")
     if "chosen" in report:

@@ -14,7 +14,6 @@ Prompts that chose the same expert are answered together, so each expert is merg
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch

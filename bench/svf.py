@@ -263,7 +263,7 @@ def main():
     print(f"one-off SVD, fp32, cache off: mlp {svd_seconds['mlp']:.1f} s, all {svd_seconds['all']:.1f} s")
     print(f"merge (every W' built dense): {args.targets} {merge_seconds:.2f} s; all projections {merge_all_seconds:.2f} s")
     print(f"memory: {MEMORY_METHOD}")
-    print(f"samples (s): " + "; ".join(f"{v.label}: " + ", ".join(f"{t:.2f}" for t in v.times) for v, _ in rows))
+    print("samples (s): " + "; ".join(f"{v.label}: " + ", ".join(f"{t:.2f}" for t in v.times) for v, _ in rows))
     best_ratio = fastest.best / variants[0].best
     print(f"fastest SVF training forward (by min): {fastest.label}, {best_ratio:.2f}x the base fwd+bwd "
           f"(target <= {TARGET_RATIO}x: {'met' if best_ratio <= TARGET_RATIO else 'NOT met'}); "

@@ -3,9 +3,7 @@
 ARC is built on the user's machine (python tasks.py build-arc). If data/arc_* are missing, the tests
 that need ARC build them from a local copy of AI2's wheel (ARC_WHEEL, default /tmp/olmo/...) the way
 set-up does, or skip when there is none."""
-import gzip
 import hashlib
-import json
 import os
 import random
 import re
