@@ -42,7 +42,8 @@ class NoTokenizer:
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth(n_bytes=2 * 2**30) -> float:
@@ -144,10 +145,65 @@ def warm_up_gpu(seconds: float = 3.0):
         sync()
 
 
+def svf_step(name, config, batch=8, seq=256, repeats=5, device="cuda", dtype=torch.bfloat16):
+    """Forward+backward of one batch with SVF on the MLP matrices against the frozen base model's
+    (backward through every layer to the embeddings, no weight gradients). The factors are random
+    orthonormal matrices of the right shapes, not a real SVD: the cost of a step does not depend on
+    the values, and 96 fp32 SVDs of 4096x14336 would spend the device time on a one-off."""
+    import svf as svf_lib
+
+    device = torch.device(device)
+    model = random_model(config, device, dtype)
+
+    def random_factors(model, names, cache=True, progress=True):
+        factors = {}
+        for n in names:
+            out_features, in_features = model.get_submodule(n).weight.shape
+            r = min(out_features, in_features)
+            U = torch.linalg.qr(torch.randn(out_features, r, device=device))[0].to(dtype)
+            Vh = torch.linalg.qr(torch.randn(in_features, r, device=device))[0].T.contiguous().to(dtype)
+            factors[n] = (U, torch.rand(r, device=device).sort(descending=True).values, Vh)
+        return factors
+
+    svf_lib.decompose = random_factors
+    adapter = svf_lib.SVF(model, targets="mlp", param="mask", progress=False)
+    tokens = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
+
+    def step():
+        loss = model(tokens).logsumexp(-1).mean()  # any scalar of the logits: the cost is the same
+        loss.backward()
+
+    def timed(mode):
+        times = []
+        for i in range(repeats + 1):
+            with adapter.mode(mode):
+                for p in adapter.parameters():
+                    p.requires_grad_(mode == "train")
+                model.embed.weight.requires_grad_(mode == "disabled")  # the base step still runs a full backward
+                sync()
+                start = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - start)
+                model.zero_grad(set_to_none=True)
+                for p in adapter.parameters():
+                    p.grad = None
+        model.embed.weight.requires_grad_(False)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    base, svf_time = timed("disabled"), timed("train")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"== SVF training step, {name} shapes, {dtype}, batch {batch} x {seq}, {card}")
+    print(f"base fwd+bwd {base * 1e3:.0f} ms | SVF (mask, MLP, factored) fwd+bwd {svf_time * 1e3:.0f} ms | "
+          f"ratio {svf_time / base:.2f}x | {adapter.num_parameters():,} trainable" +
+          (f" | peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--no-svf", action="store_true", help="skip the SVF training-step timing")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU")
@@ -156,6 +212,8 @@ def main():
     warm_up_gpu()
     for name in args.shapes:
         speed(name, SHAPES[name], args.quick)
+    if not args.no_svf:
+        svf_step(args.shapes[0], SHAPES[args.shapes[0]])
 
 
 if __name__ == "__main__":
