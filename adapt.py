@@ -13,6 +13,7 @@ time and their ratio (Table 3).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -74,7 +75,7 @@ def main(argv=None):
         report["classification_accuracy"] = sum(c == truth for c in choices) / len(choices)
     elif args.mode == "fewshot":
         settings = cem.LIGHT if args.cem == "light" else cem.Settings()
-        settings = cem.Settings(**{**settings.__dict__, "normalize": args.normalize, "seed": args.seed})
+        settings = dataclasses.replace(settings, normalize=args.normalize, seed=args.seed)
         names, result = two.fewshot_alpha(task, shots, settings, args.per_layer,
                                           log=lambda h: print(f"[cem] iteration {h['iteration']}: best score {h['best_score']}"))
         mixed = two.mixed(names, result.best)

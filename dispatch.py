@@ -13,6 +13,7 @@ Prompts that chose the same expert are answered together, so each expert is merg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -125,7 +126,7 @@ class TwoPass:
             loglik = torch.cat(right).mean().item() if right else float("-inf")
             return (sum(correct) / len(shots), loglik)
 
-        settings = cem.Settings(**{**settings.__dict__, "init_mean": 1.0 / len(names)})
+        settings = dataclasses.replace(settings, init_mean=1.0 / len(names))
         result = cem.maximize(score, shape, settings, log=log)
         return names, result
 
