@@ -44,6 +44,10 @@ def main(argv=None):
     p.add_argument("--normalize", action="store_true", help="Σα = 1")
     p.add_argument("--cem", choices=("light", "full"), default=DEFAULTS["cem"],
                    help="light: the paper's CEM-light (3 generations of 16); full: 32 per generation, up to 100")
+    p.add_argument("--label-rule", choices=("strict", "lenient"), default=None,
+                   help="how pass 1's reply names a category: strict, boxed only (the paper's rule; default for "
+                        "--mode prompt); lenient, else the first category word (the rule the classification "
+                        "expert was trained with; default for --mode cls)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -68,11 +72,16 @@ def main(argv=None):
 
     start = time.perf_counter()
     if args.mode in ("prompt", "cls"):
-        choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls")
+        rule = args.label_rule or ("lenient" if args.mode == "cls" else "strict")
+        choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
+                                              strict=rule == "strict")
         truth = dispatch.CATEGORY_OF_TASK[task.name]
-        counts = Counter(c or "base (others / unreadable)" for c in choices)
-        report["chosen"] = dict(counts)
+        report["label_rule"] = rule
+        report["chosen"] = dict(Counter(c or "base (others / unreadable)" for c in choices))
         report["classification_accuracy"] = sum(c == truth for c in choices) / len(choices)
+        for other in ("strict", "lenient"):  # both rules on the same replies, for comparison
+            routed = two.route(pass1_replies, strict=other == "strict")
+            report[f"classification_accuracy_{other}"] = sum(c == truth for c in routed) / len(routed)
     elif args.mode == "fewshot":
         settings = cem.LIGHT if args.cem == "light" else cem.Settings()
         settings = dataclasses.replace(settings, normalize=args.normalize, seed=args.seed)
@@ -112,8 +121,10 @@ def main(argv=None):
     print(f"| {args.mode} | {task.name} ({split}) | {n} | {k / n:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
           f"{pass1 / pass2:.0%} |")
     if "chosen" in report:
-        print(f"chosen experts: {report['chosen']}; classification accuracy {report['classification_accuracy']:.3f} "
-              f"(the true category of {task.name} is {dispatch.CATEGORY_OF_TASK[task.name]})")
+        print(f"chosen experts ({report['label_rule']} rule): {report['chosen']}; classification accuracy "
+              f"{report['classification_accuracy']:.3f} (strict {report['classification_accuracy_strict']:.3f}, lenient "
+              f"{report['classification_accuracy_lenient']:.3f}; the true category of {task.name} is "
+              f"{dispatch.CATEGORY_OF_TASK[task.name]})")
     if "alpha" in report:
         print(f"α: {', '.join(f'{k} {v:.3f}' for k, v in report['alpha'].items())}; CEM {report['cem_iterations']} iterations, "
               f"{report['cem_evaluations']} evaluations of {len(shots)} shots (from {shot_split}, not scored)")

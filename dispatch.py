@@ -76,17 +76,23 @@ class TwoPass:
 
     # -- pass 1
 
-    def classify(self, questions: list[str], with_classifier: bool, progress: bool = True):
+    def classify(self, questions: list[str], with_classifier: bool, strict: bool = True, progress: bool = True):
         """The expert each question should use: 'code' / 'math' / 'reasoning', or None for the base
-        weights ('others', or a reply with no boxed category: the paper's strict rule). Returns
+        weights ('others', or an unreadable reply). strict=True is the paper's rule (the category must be
+        boxed); strict=False also takes the first category word of an unboxed reply, the rule the
+        classification expert's reward used in training (tasks.Classification). Returns
         (choices, pass-1 replies)."""
         if with_classifier and "classifier" not in self.experts:
             raise ValueError("mode cls needs a classification expert (train.py --task cls) in the experts folder")
         prompts = [self.tokenizer.encode_chat(tasks.classification_messages(q)) for q in questions]
         with self.use("classifier" if with_classifier else None):
             replies, _, _ = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify")
-        categories = [tasks.parse_category(r, strict=True) for r in replies]
-        return [c if c in self.experts and c in EXPERT_NAMES else None for c in categories], replies
+        return self.route(replies, strict), replies
+
+    def route(self, replies: list[str], strict: bool = True) -> list:
+        """The expert named by each pass-1 reply, or None (base weights) for others / unreadable / no such expert."""
+        categories = [tasks.parse_category(r, strict=strict) for r in replies]
+        return [c if c in self.experts and c in EXPERT_NAMES else None for c in categories]
 
     # -- pass 2
 

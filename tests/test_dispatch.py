@@ -68,6 +68,8 @@ def test_prompt_strategy_routes_each_prompt_and_others_use_the_base_weights(two_
     monkeypatch.setattr(two_pass, "generate", lambda prompts, n, **kw: (pass1, None, None))
     choices, _ = two_pass.classify(["q"] * len(pass1), with_classifier=False)
     assert choices == ["math", "code", None, None, "reasoning", None]  # no box -> base, unknown -> base
+    lenient, _ = two_pass.classify(["q"] * len(pass1), with_classifier=False, strict=False)
+    assert lenient == ["math", "code", None, "reasoning", "reasoning", None]  # the first category word counts
     monkeypatch.undo()
 
     task = Words()
