@@ -12,6 +12,10 @@ Why a baseline by default: with A = r and a model that is right less than half t
 rewards are −1 and every update pushes down whatever the model said, well-formed answers included.
 On the default model this collapsed ARC-Easy validation accuracy from 0.21 to 0.06 in 25 steps
 (docs/findings.md). The paper's base models were right 40–90% of the time, so it did not show there.
+
+Data parallel (torchrun, see train.py): each process rolls out its share of the global batch; the
+baseline's mean reward, the batch size that weighs each micro-batch and the gradients are summed over
+the processes, so every process takes the same step as one process with the whole batch would.
 """
 
 from __future__ import annotations
@@ -20,9 +24,37 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import model as m
+
+# ----------------------------------------------------------------------------------------------
+# Sums over the processes of a data-parallel run; with one process they change nothing.
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values) -> torch.Tensor:
+    """A new tensor holding the sum of `values` (a tensor or a list of numbers) over the processes."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).clone()
+    if distributed():
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+        moved = tensor.to(on)
+        dist.all_reduce(moved)
+        tensor = moved.to(tensor.device)
+    return tensor
+
+
+def sum_gradients(parameters):
+    """Sum each parameter's gradient over the processes, in place (the losses are already weighted by
+    each process's share of the global batch)."""
+    if distributed():
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
 
 
 @dataclass
@@ -37,7 +69,8 @@ class Rollouts:
 
     def advantages(self, baseline: str) -> torch.Tensor:
         if baseline == "mean":
-            return self.rewards - self.rewards.mean()
+            total, count = all_reduce_sum([self.rewards.sum().item(), len(self.rewards)]).tolist()
+            return self.rewards - total / count  # the mean over the global batch
         if baseline == "none":
             return self.rewards
         raise ValueError(f"unknown baseline {baseline!r}: mean or none")
@@ -125,11 +158,11 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
                micro_batch: int = 8, clip: float = 1e-3, autocast_dtype=None) -> dict:
     """One update from a batch of rollouts, accumulated over micro-batches. Returns logged numbers."""
     advantages = rollouts.advantages(baseline)
-    B = len(rollouts.prompts)
+    B = int(all_reduce_sum(len(rollouts.prompts)).item())  # the global batch
     optimizer.zero_grad(set_to_none=True)
     pg_total, kl_values = 0.0, []
     device = model.embed.weight.device
-    for start in range(0, B, micro_batch):
+    for start in range(0, len(rollouts.prompts), micro_batch):
         sl = slice(start, start + micro_batch)
         # The base model's forward is needed for the loss only when λ > 0; otherwise KL is measured on
         # the first micro-batch alone, for the log, which saves a forward pass per micro-batch.
@@ -143,9 +176,11 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
         pg_total += pg.item() * share
         if with_base:
             kl_values.append(kl_mean.item())
-    kl_total = sum(kl_values) / len(kl_values)
+    sum_gradients(svf.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(svf.parameters(), clip).item()
     optimizer.step()
     scheduler.step()
-    return dict(reward=rollouts.rewards.mean().item(), accuracy=sum(rollouts.correct) / B, pg_loss=pg_total,
-                kl=kl_total, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
+    reward, correct, pg, kl, processes = all_reduce_sum(
+        [rollouts.rewards.sum().item(), sum(rollouts.correct), pg_total, sum(kl_values) / len(kl_values), 1]).tolist()
+    return dict(reward=reward / B, accuracy=correct / B, pg_loss=pg, kl=kl / processes, grad_norm=grad_norm,
+                lr=scheduler.get_last_lr()[0])

@@ -9,6 +9,14 @@ validation accuracy (the paper's early stopping), and evaluates that expert and 
 test split at the end. Writes to --out: config.json, metrics.jsonl, checkpoint.pt (atomic; --resume
 continues from it; Ctrl-C saves one), expert.safetensors (the best z, with its metadata and command),
 and learning_curve.png when matplotlib is installed.
+
+Data parallel over several GPUs (or CPU processes) with torchrun:
+
+    torchrun --nproc_per_node 4 train.py --task gsm8k
+
+Every process holds the whole model and its own z; each rolls out and evaluates its share of the
+examples, gradients are summed over the processes (reinforce.py), so all of them take the same step.
+Process 0 alone prints, logs and writes files.
 """
 
 import argparse
@@ -22,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -208,7 +217,7 @@ def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, schedul
     """Supervised baseline: mean negative log-likelihood of the reference reply (then EOS) given the prompt."""
     prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
     targets = [tokenizer.encode(task.reference(e)) + tokenizer.eos_ids[:1] for e in examples]
-    n_tokens = sum(map(len, targets))
+    n_tokens = reinforce.all_reduce_sum(sum(map(len, targets))).item()  # over the global batch
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     device = model.embed.weight.device
@@ -219,17 +228,51 @@ def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, schedul
             loss = -logp.sum() / n_tokens  # every token of the batch weighs the same
         loss.backward()
         total += loss.item()
+    reinforce.sum_gradients(adapter.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip).item()
     optimizer.step()
     scheduler.step()
-    return dict(nll=total, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
+    return dict(nll=reinforce.all_reduce_sum(total).item(), grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallel (torchrun): which process this is, and its share of a list
+
+
+def setup_distributed():
+    """Join the process group when started by torchrun (WORLD_SIZE > 1). Returns this process's device
+    (cuda:LOCAL_RANK, or None to choose as usual: gloo on CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return None
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if reinforce.distributed() else (0, 1)
 
 
 def evaluate_split(model, tokenizer, svf, task, examples, config, use_svf=True):
+    """evaluate.evaluate on this process's share of the examples; the records of all processes are
+    gathered back into the examples' order."""
+    rank, world = rank_and_world()
     context = svf.merged() if use_svf else svf.disabled()
     with context:
-        return evaluate.evaluate(model, tokenizer, task, examples, batch_size=config["gen_batch"] * 2,
-                                 max_new_tokens=config["max_new_tokens"], progress=False)
+        result = evaluate.evaluate(model, tokenizer, task, examples[rank::world], batch_size=config["gen_batch"] * 2,
+                                   max_new_tokens=config["max_new_tokens"], progress=False)
+    if world == 1:
+        return result
+    parts = [None] * world
+    dist.all_gather_object(parts, result["records"])
+    records = [parts[i % world][i // world] for i in range(len(examples))]
+    k, n = sum(r["correct"] for r in records), len(records)
+    return dict(task=task.name, n=n, correct=k, accuracy=k / max(n, 1), interval=evaluate.wilson_interval(k, n),
+                records=records)
 
 
 def plot(history: list[dict], path: Path):
@@ -259,10 +302,15 @@ def plot(history: list[dict], path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.device = args.device or setup_distributed()
+    rank, world = rank_and_world()
     config = resolve_config(args)
+    config["processes"] = world
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     threads = m.set_threads(args.threads)
+    if rank != 0:  # process 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
     print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU_PRESET in train.py)" if config["preset"] == "cpu" else ""))
     print("config: " + json.dumps({**config, "threads": threads}))
 
@@ -290,19 +338,22 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"])
         history, start_step, best = state["history"], state["step"], state["best"]
         print(f"[train] resumed from {checkpoint_path} at step {start_step}")
-    else:
+    elif rank == 0:
         (out / "metrics.jsonl").write_text("")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(config, indent=2))
 
     def log(record):
         history.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def checkpoint(step):
-        save_checkpoint(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                              torch_rng=torch.get_rng_state(), history=history, step=step, best=best,
-                                              config=config))
+        if rank == 0:
+            save_checkpoint(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(),
+                                                  scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
+                                                  history=history, step=step, best=best, config=config))
 
     def validate(step):
         nonlocal best
@@ -315,7 +366,7 @@ def main(argv=None):
     started = time.perf_counter()
     if start_step == 0:
         validate(0)
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {task.name}")
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {task.name}", disable=rank != 0)
     step = start_step
     try:
         for step in bar:
@@ -345,8 +396,10 @@ def main(argv=None):
 
     # The best expert by validation accuracy, then base vs expert on the test split.
     svf.load_state(best["z"])
-    expert_path = svf.save_expert(out / "expert.safetensors", task=task.name, base_model=str(config["model"]),
-                                  step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"])
+    expert_path = out / "expert.safetensors"
+    if rank == 0:
+        svf.save_expert(expert_path, task=task.name, base_model=str(config["model"]), step=best["step"],
+                        valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"])
     base_test = evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
     expert_test = evaluate_split(model, tokenizer, svf, task, test_set, config)
     minutes = (time.perf_counter() - started) / 60
@@ -355,16 +408,20 @@ def main(argv=None):
                    test_n=base_test["n"], test_base=base_test["accuracy"], test_base_interval=base_test["interval"],
                    test_expert=expert_test["accuracy"], test_expert_interval=expert_test["interval"], minutes=minutes,
                    expert=str(expert_path))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    for name, result in (("base", base_test), ("expert", expert_test)):
-        with open(out / f"test-{name}.jsonl", "w") as f:
-            for record in result["records"]:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    figure = plot(history, out / "learning_curve.png")
+    figure = None
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        for name, result in (("base", base_test), ("expert", expert_test)):
+            with open(out / f"test-{name}.jsonl", "w") as f:
+                for record in result["records"]:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        figure = plot(history, out / "learning_curve.png")
     print(f"[train] {task.name}: valid {valid0:.3f} -> {best['accuracy']:.3f} (best at step {best['step']}); "
           f"test n={base_test['n']}: base {base_test['accuracy']:.3f} [{base_test['interval'][0]:.3f}, {base_test['interval'][1]:.3f}] "
           f"-> expert {expert_test['accuracy']:.3f} [{expert_test['interval'][0]:.3f}, {expert_test['interval'][1]:.3f}]; "
           f"{minutes:.1f} min; expert {expert_path}" + (f"; curve {figure}" if figure else ""))
+    if reinforce.distributed():
+        dist.destroy_process_group()
     return summary
 
 

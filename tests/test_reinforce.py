@@ -2,6 +2,8 @@
 checkpointing (resume, atomic writes, corrupt files)."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,47 @@ def test_nexttoken_objective_lowers_the_reference_nll(tiny_run, tmp_path, method
     nll = [json.loads(line)["nll"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()
            if "nll" in json.loads(line)]
     assert len(nll) == 20 and sum(nll[-3:]) / 3 < sum(nll[:3]) / 3 - 0.5, nll  # nats per token
+
+
+def test_data_parallel_run_equals_one_process(sharp_tiny_llama, tmp_path):
+    """torchrun with 2 processes (gloo on CPU), each rolling out half of every batch and evaluating half
+    of each split, gives the z, the logged rewards and the test records of one process with the whole
+    batch. Greedy rollouts and no baseline, so every step has a gradient."""
+    import subprocess
+    import sys
+
+    flags = ["--preset", "cpu", "--steps", "3", "--batch-size", "8", "--micro-batch", "2", "--gen-batch", "4",
+             "--eval-every", "2", "--eval-limit", "6", "--test-limit", "7", "--max-new-tokens", "2", "--temperature", "0",
+             "--baseline", "none", "--lr", "0.05", "--clip", "1.0", "--targets", "attn", "--autocast", "none",
+             "--threads", "1"]
+    worker = [str(Path(__file__).parent / "train_worker.py"), str(sharp_tiny_llama)]
+    runs = {"one": [sys.executable, *worker], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc_per_node", "2", *worker]}
+    for name, command in runs.items():
+        done = subprocess.run([*command, *flags, "--out", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    import train
+
+    # The last z (checkpoint) and the kept one (expert file) agree, and training did move z.
+    model, _ = m.load(sharp_tiny_llama, device="cpu")
+    initial = svf_lib.SVF(model, targets="attn", param="mask", seed=0, cache=False, progress=False).state()
+    last_one = train.load_checkpoint(tmp_path / "one" / "checkpoint.pt")["z"]
+    last_two = train.load_checkpoint(tmp_path / "two" / "checkpoint.pt")["z"]
+    kept_one, _ = svf_lib.read_expert(tmp_path / "one" / "expert.safetensors")
+    kept_two, _ = svf_lib.read_expert(tmp_path / "two" / "expert.safetensors")
+    for k in last_one:
+        torch.testing.assert_close(last_two[k], last_one[k], atol=1e-4, rtol=0)
+        torch.testing.assert_close(kept_two[k], kept_one[k], atol=1e-4, rtol=0)
+    assert max((last_one[k] - initial[k]).abs().max().item() for k in initial) > 0.01
+
+    def read(name, file):
+        return [json.loads(line) for line in (tmp_path / name / file).read_text().splitlines()]
+
+    metrics_one, metrics_two = read("one", "metrics.jsonl"), read("two", "metrics.jsonl")
+    assert [h.get("reward") for h in metrics_two] == pytest.approx([h.get("reward") for h in metrics_one])
+    assert [h.get("valid_accuracy") for h in metrics_two] == [h.get("valid_accuracy") for h in metrics_one]
+    records_one, records_two = read("one", "test-expert.jsonl"), read("two", "test-expert.jsonl")
+    assert [(r["id"], r["completion"]) for r in records_two] == [(r["id"], r["completion"]) for r in records_one]
+    assert len(records_one) == 7
