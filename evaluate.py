@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -93,6 +92,8 @@ def main():
     parser.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
     parser.add_argument("--model", default=DEFAULTS["model"], help="local Hugging Face folder or hub id")
     parser.add_argument("--expert", default=None, help="SVF expert file (.safetensors) to apply to the model")
+    parser.add_argument("--shuffle-seed", type=int, default=None,
+                        help="permute each z of --expert with this seed: the ordered-σ control (paper Table 5)")
     parser.add_argument("--split", default=DEFAULTS["split"])
     parser.add_argument("--limit", type=int, default=DEFAULTS["limit"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -112,11 +113,11 @@ def main():
 
     model, tokenizer = m.load(args.model, device=args.device)
     if args.expert:
-        try:
-            import svf
-        except ImportError:
-            sys.exit("--expert needs svf.py (Singular Value Fine-tuning), which this checkout does not have yet")
-        svf.apply_expert(model, args.expert)
+        import svf
+
+        svf.apply_expert(model, args.expert, shuffle_seed=args.shuffle_seed)
+    elif args.shuffle_seed is not None:
+        parser.error("--shuffle-seed permutes an expert: give --expert too")
 
     result = evaluate(model, tokenizer, task, examples, args.batch_size, args.max_new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -393,11 +393,12 @@ def check_fits(svf: SVF, z: dict, meta: dict, path):
                          f"and {tuple(here[wrong[0]])} here ({len(wrong)} matrices differ)")
 
 
-def apply_expert(model: m.Transformer, path, merge: bool = True) -> SVF:
-    """SVF with the targets and parametrization an expert file names, its z loaded, merged for generation."""
+def apply_expert(model: m.Transformer, path, merge: bool = True, shuffle_seed: int | None = None) -> SVF:
+    """SVF with the targets and parametrization an expert file names, its z loaded (permuted with
+    shuffle_seed: see SVF.load_expert), merged for generation."""
     _, meta = read_expert(path)
     svf = SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
-    svf.load_expert(path)
+    svf.load_expert(path, shuffle_seed=shuffle_seed)
     if merge:
         svf.set_mode("merged")
     return svf
