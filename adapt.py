@@ -71,6 +71,7 @@ def main(argv=None):
                   shots=len(shots) if args.mode == "fewshot" else 0, shots_excluded_from=shot_split)
 
     start = time.perf_counter()
+    pass1_replies = [None] * len(scored)
     if args.mode in ("prompt", "cls"):
         rule = args.label_rule or ("lenient" if args.mode == "cls" else "strict")
         choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
@@ -109,8 +110,8 @@ def main(argv=None):
     low, high = evaluate.wilson_interval(k, n)
     report.update(correct=k, accuracy=k / n, interval=[low, high], pass1_seconds=pass1, pass2_seconds=pass2,
                   pass1_share_of_pass2=pass1 / pass2 if pass2 else None,
-                  records=[dict(id=e["id"], choice=c if c is None or isinstance(c, str) else "mixed", reply=r, correct=ok)
-                           for e, c, r, ok in zip(scored, choices, replies, correct)])
+                  records=[dict(id=e["id"], pass1=p1, choice=c if c is None or isinstance(c, str) else "mixed", reply=r,
+                                correct=ok) for e, p1, c, r, ok in zip(scored, pass1_replies, choices, replies, correct)])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
