@@ -190,13 +190,15 @@ class LoRA:
 
     @contextlib.contextmanager
     def _mode(self, mode):
+        """Every LoRA layer in the given mode for the duration, then back to the mode it had (as svf.SVF.mode)."""
+        previous = next(iter(self.modules.values())).mode
         for lora in self.modules.values():
             lora.mode = mode
         try:
             yield self
         finally:
             for lora in self.modules.values():
-                lora.mode = "train"
+                lora.mode = previous
 
     def merged(self):
         return self._mode("merged")

@@ -207,6 +207,9 @@ def test_lora_starts_at_the_base_model_and_disables(tiny_llama):
         moved = model(tokens)
     with lora.disabled():
         assert torch.equal(model(tokens), base)
+        with lora.merged():  # nested: back to disabled afterwards, not to training mode
+            pass
+        assert torch.equal(model(tokens), base)
     assert (moved - base).abs().max() > 1e-3
     assert len(lora.parameters()) == 2 * 2 * 2  # A and B on q and v of 2 layers
 
