@@ -326,6 +326,7 @@ class SVF:
             "format": EXPERT_FORMAT, "param": self.param, "targets": self.targets,
             "layers": json.dumps(self.layers), "shapes": json.dumps(shapes),
             "sigma_fingerprint": hashlib.sha256(sigma.round(decimals=3).numpy().tobytes()).hexdigest()[:16],
+            "sigma_sums": json.dumps([float(f"{layer.S.float().sum().item():.5g}") for layer in self.modules.values()]),
             "n_layers": str(self.model.args.n_layers), **{k: str(v) for k, v in extra.items()},
         }
 
@@ -340,13 +341,23 @@ class SVF:
         os.replace(tmp, path)
         return path
 
+    def same_singular_values(self, meta: dict) -> bool:
+        """Whether an expert's metadata describes this model's singular values: each matrix's Σσ within
+        1% (the same model in bf16 on a GPU and in fp32 on a CPU agree to about 0.1%; other weights of
+        the same shapes do not). Experts without the sums compare an exact fingerprint."""
+        here = self.metadata()
+        if "sigma_sums" not in meta:
+            return meta.get("sigma_fingerprint") == here["sigma_fingerprint"]
+        theirs, ours = json.loads(meta["sigma_sums"]), json.loads(here["sigma_sums"])
+        return len(theirs) == len(ours) and all(abs(a - b) <= 0.01 * abs(b) for a, b in zip(theirs, ours))
+
     def load_expert(self, path, shuffle_seed: int | None = None):
         """Load an expert's z. An expert from another model of the same shapes loads on purpose
         (cross-model transfer, paper Tables 5 and 9); shuffle_seed permutes each z so it no longer
         follows the order of the singular values (the paper's control)."""
         z, meta = read_expert(path)
         check_fits(self, z, meta, path)
-        if meta.get("sigma_fingerprint") != self.metadata()["sigma_fingerprint"]:
+        if not self.same_singular_values(meta):
             print(f"[svf] {path} was trained on a model with other singular values: transferring it by shape "
                   f"(cross-model)", file=sys.stderr)
         if shuffle_seed is not None:
