@@ -145,6 +145,36 @@ def warm_up_gpu(seconds: float = 3.0):
         sync()
 
 
+def attention_probe(lengths=range(33, 65), batch=1):
+    """Time one decode-shaped attention call (Llama-3-8B heads, a boolean mask, growing key length) twice
+    over the same lengths: the first pass meets each shape for the first time. If the first pass is much
+    slower under the default backends but not with cuDNN attention left out, per-shape plan building
+    (cuDNN SDPA) explains why the first model timed in a run decoded 3-4x slower than later ones with
+    the same attention shapes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def one_pass(seed_offset):
+        times = []
+        for n in lengths:
+            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(batch, 8, n + seed_offset, 128, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            mask = torch.ones(batch, 1, 1, n + seed_offset, dtype=torch.bool, device="cuda")
+            sync()
+            start = time.perf_counter()
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * sum(times) / len(times)
+
+    variants = {"default backends": None,
+                "no cuDNN (flash, efficient, math)": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
+    for offset, (label, backends) in enumerate(variants.items()):
+        with sdpa_kernel(backends) if backends else torch.no_grad():
+            first, again = one_pass(offset * 1000), one_pass(offset * 1000)
+        print(f"attention probe, {label}: new shapes {first:.2f} ms per call, same shapes again {again:.2f} ms")
+
+
 def svf_step(name, config, batch=8, seq=256, repeats=5, device="cuda", dtype=torch.bfloat16):
     """Forward+backward of one batch with SVF on the MLP matrices against the frozen base model's
     (backward through every layer to the embeddings, no weight gradients). The factors are random
@@ -209,6 +239,7 @@ def main():
         sys.exit("bench/gpu.py needs a CUDA GPU")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     correctness(torch.device("cuda"))
+    attention_probe()
     warm_up_gpu()
     for name in args.shapes:
         speed(name, SHAPES[name], args.quick)
