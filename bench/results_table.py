@@ -1,0 +1,53 @@
+"""Markdown rows for RESULTS.md from run folders (train.py) and adapt.py reports, so that every number
+in the tables is read from the run that made it rather than copied by hand.
+
+    python bench/results_table.py train runs/cls-mask-mlp-rl runs/arc_easy-mask-mlp-rl
+    python bench/results_table.py adapt runs/adapt-*-arc_challenge.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def interval(values) -> str:
+    return f"{values[0]:.3f}-{values[1]:.3f}"
+
+
+def train_rows(folders):
+    print("| task | trained | objective, baseline | steps (best) | valid before → best (n) | test n | test base (95% CI) "
+          "| test expert (95% CI) | minutes | command |")
+    print("|---|---|---|---:|---|---:|---|---|---:|---|")
+    for folder in map(Path, folders):
+        config = json.loads((folder / "config.json").read_text())
+        s = json.loads((folder / "summary.json").read_text())
+        trained = "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['param']} {config['targets']}"
+        valid_n = config.get("eval_limit") or "all"
+        print(f"| {s['task']} | {trained} | {config.get('objective', 'rl')}, {config['baseline']} | {s['steps']} ({s['best_step']}) "
+              f"| {s['valid_before']:.2f} → {s['valid_best']:.2f} ({valid_n}) | {s['test_n']} "
+              f"| {s['test_base']:.3f} ({interval(s['test_base_interval'])}) "
+              f"| {s['test_expert']:.3f} ({interval(s['test_expert_interval'])}) | {s['minutes']:.0f} | `{config['command']}` |")
+
+
+def adapt_rows(files):
+    print("| mode | task (split) | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 | pass 1 chose / α |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---|")
+    for path in map(Path, files):
+        r = json.loads(path.read_text())
+        what = ""
+        if "chosen" in r:
+            what = (f"{r['label_rule']} rule: " + ", ".join(f"{k} {v}" for k, v in sorted(r["chosen"].items()))
+                    + f"; right category {r['classification_accuracy']:.2f}")
+        elif "alpha" in r:
+            what = ", ".join(f"{k} {v:.2f}" for k, v in r["alpha"].items()) + f" ({r['cem_evaluations']} CEM evaluations)"
+        elif r["mode"] == "expert":
+            what = r["records"][0]["choice"] if r["records"] else ""
+        share = f"{r['pass1_share_of_pass2']:.0%}" if r.get("pass1_share_of_pass2") else "-"
+        print(f"| {r['mode']} | {r['task']} ({r['split']}) | {r['scored']} | {r['accuracy']:.3f} | {interval(r['interval'])} "
+              f"| {r['pass1_seconds']:.0f} | {r['pass2_seconds']:.0f} | {share} | {what} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("train", "adapt"):
+        sys.exit(__doc__)
+    (train_rows if sys.argv[1] == "train" else adapt_rows)(sys.argv[2:])
