@@ -23,7 +23,9 @@ def train_rows(folders):
         s = json.loads((folder / "summary.json").read_text())
         trained = "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['param']} {config['targets']}"
         valid_n = config.get("eval_limit") or "all"
-        print(f"| {s['task']} | {trained} | {config.get('objective', 'rl')}, {config['baseline']} | {s['steps']} ({s['best_step']}) "
+        objective = config.get("objective", "rl")
+        objective += f", {config['baseline']}" if objective == "rl" else ", -"
+        print(f"| {s['task']} | {trained} | {objective} | {s['steps']} ({s['best_step']}) "
               f"| {s['valid_before']:.2f} → {s['valid_best']:.2f} ({valid_n}) | {s['test_n']} "
               f"| {s['test_base']:.3f} ({interval(s['test_base_interval'])}) "
               f"| {s['test_expert']:.3f} ({interval(s['test_expert_interval'])}) | {s['minutes']:.0f} | `{config['command']}` |")
