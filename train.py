@@ -47,7 +47,7 @@ PAPER = dict(
     batch_size=256, micro_batch=16, gen_batch=64, steps=None, epochs=1,
     max_new_tokens=None, eval_every=5, eval_limit=None, test_limit=None, autocast=None,
 )
-# A preset for a CPU-only machine given no flags: about 20-30 minutes on 2 cores and still learning.
+# A preset for a CPU-only machine given no flags: 20-60 minutes on 2 cores, and the cls task still learns.
 # Measured settings of a prototype on the default model (docs/findings.md): batch 16, lr 1e-2, MLP
 # targets, short replies, bf16 autocast for forward+backward, about 20 s per step.
 CPU_PRESET = dict(
@@ -55,6 +55,9 @@ CPU_PRESET = dict(
     eval_limit=100, test_limit=200, autocast="bf16",
 )
 CPU_REPLY_TOKENS = {"cls": 24, "arc_easy": 24, "gsm8k": 128, "mbpp": 128}
+# Long replies make steps and evaluations slow: fewer of them for these tasks. Measured on 2 cores with
+# one thread each (RESULTS.md): gsm8k 19 minutes, mbpp 43 minutes, cls 63, arc_easy 19.
+CPU_TASK_PRESET = {"gsm8k": dict(steps=10, eval_limit=50, test_limit=100), "mbpp": dict(steps=20, eval_limit=50)}
 TRAINABLE_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")
 VALID_SPLIT = "valid"
 
@@ -102,6 +105,7 @@ def resolve_config(args) -> dict:
     config = dict(PAPER)
     if preset == "cpu":
         config.update(CPU_PRESET)
+        config.update(CPU_TASK_PRESET.get(args.task, {}))
         config["max_new_tokens"] = CPU_REPLY_TOKENS[args.task]
     for key, value in vars(args).items():
         if value is not None or key not in config:
