@@ -376,17 +376,18 @@ def main(argv=None):
     step = start_step
     try:
         for step in bar:
-            examples = [train_set[i] for i in batches(len(train_set), config["batch_size"], config["seed"], step)]
+            batch = [train_set[i] for i in batches(len(train_set), config["batch_size"], config["seed"], step)]
+            examples = batch[rank::world]  # this process's share of the global batch
             if config["objective"] == "nexttoken":
                 stats = nexttoken_step(model, svf, tokenizer, task, examples, optimizer, scheduler,
                                        config["micro_batch"], config["clip"], autocast)
             else:
                 rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
                                              batch_size=config["gen_batch"], temperature=config["temperature"],
-                                             seed=config["seed"] * 1000003 + step)
+                                             seed=config["seed"] * 1000003 + step + rank * 7919)
                 stats = reinforce.train_step(model, svf, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
                                              config["micro_batch"], config["clip"], autocast)
-            log(dict(step=step + 1, **stats))
+            log(dict(step=step + 1, **stats, examples_per_process=len(examples)))
             if (step + 1) % config["eval_every"] == 0 or step + 1 == steps:
                 validate(step + 1)
             last_valid = next(h for h in reversed(history) if "valid_accuracy" in h)["valid_accuracy"]

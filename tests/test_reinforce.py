@@ -259,6 +259,8 @@ def test_data_parallel_run_equals_one_process(sharp_tiny_llama, tmp_path):
         return [json.loads(line) for line in (tmp_path / name / file).read_text().splitlines()]
 
     metrics_one, metrics_two = read("one", "metrics.jsonl"), read("two", "metrics.jsonl")
+    assert {h["examples_per_process"] for h in metrics_one if "reward" in h} == {8}
+    assert {h["examples_per_process"] for h in metrics_two if "reward" in h} == {4}  # each rolled out half
     assert [h.get("reward") for h in metrics_two] == pytest.approx([h.get("reward") for h in metrics_one])
     assert [h.get("valid_accuracy") for h in metrics_two] == [h.get("valid_accuracy") for h in metrics_one]
     records_one, records_two = read("one", "test-expert.jsonl"), read("two", "test-expert.jsonl")
