@@ -79,10 +79,10 @@ def main(argv=None):
         truth = dispatch.CATEGORY_OF_TASK[task.name]
         report["label_rule"] = rule
         report["chosen"] = dict(Counter(c or "base (others / unreadable)" for c in choices))
-        report["classification_accuracy"] = sum(c == truth for c in choices) / len(choices)
-        for other in ("strict", "lenient"):  # both rules on the same replies, for comparison
-            routed = two.route(pass1_replies, strict=other == "strict")
-            report[f"classification_accuracy_{other}"] = sum(c == truth for c in routed) / len(routed)
+        for each in ("strict", "lenient"):  # both rules on the same replies, for comparison
+            routed = choices if each == rule else two.route(pass1_replies, strict=each == "strict")
+            report[f"classification_accuracy_{each}"] = sum(c == truth for c in routed) / len(routed)
+        report["classification_accuracy"] = report[f"classification_accuracy_{rule}"]
     elif args.mode == "fewshot":
         settings = cem.LIGHT if args.cem == "light" else cem.Settings()
         settings = dataclasses.replace(settings, normalize=args.normalize, seed=args.seed)
@@ -106,9 +106,7 @@ def main(argv=None):
     replies = two.answer(task, scored, choices)
     pass2 = time.perf_counter() - start
     correct = task.score_many(scored, replies)
-    k, n = sum(correct), len(scored)
-    low, high = evaluate.wilson_interval(k, n)
-    report.update(correct=k, accuracy=k / n, interval=[low, high], pass1_seconds=pass1, pass2_seconds=pass2,
+    report.update(evaluate.accuracy(correct), pass1_seconds=pass1, pass2_seconds=pass2,
                   pass1_share_of_pass2=pass1 / pass2 if pass2 else None,
                   records=[dict(id=e["id"], pass1=p1, choice=c if c is None or isinstance(c, str) else "mixed", reply=r,
                                 correct=ok) for e, p1, c, r, ok in zip(scored, pass1_replies, choices, replies, correct)])
@@ -119,7 +117,8 @@ def main(argv=None):
 
     print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
-    print(f"| {args.mode} | {task.name} ({split}) | {n} | {k / n:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
+    n, (low, high) = report["n"], report["interval"]
+    print(f"| {args.mode} | {task.name} ({split}) | {n} | {report['accuracy']:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
           f"{pass1 / pass2:.0%} |")
     if "chosen" in report:
         print(f"chosen experts ({report['label_rule']} rule): {report['chosen']}; classification accuracy "

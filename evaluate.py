@@ -40,6 +40,12 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def accuracy(correct: list[bool]) -> dict:
+    """n, correct, accuracy and its 95% Wilson interval for a list of per-example outcomes."""
+    k, n = sum(map(bool, correct)), len(correct)
+    return {"n": n, "correct": k, "accuracy": k / max(n, 1), "interval": wilson_interval(k, n)}
+
+
 def generate_replies(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
                      progress: bool = True, desc: str = "generating", **sampling):
     """Replies for many token prompts in batches of similar length (less padding); returns
@@ -75,10 +81,7 @@ def evaluate(model, tokenizer, task, examples, batch_size: int = 32, max_new_tok
          "correct": bool(ok), "finish": f}
         for e, p, c, ok, f in zip(examples, prompts_text, completions, correct, finish)
     ]
-    k, n = sum(correct), len(examples)
-    low, high = wilson_interval(k, n)
-    return dict(task=task.name, n=n, correct=k, accuracy=k / max(n, 1), interval=(low, high),
-                tokens=n_tokens, seconds=time.perf_counter() - start,
+    return dict(task=task.name, **accuracy(correct), tokens=n_tokens, seconds=time.perf_counter() - start,
                 tok_per_s=n_tokens / max(generation_seconds, 1e-9),
                 hit_limit=sum(f == "length" for f in finish), records=records)
 

@@ -276,9 +276,7 @@ def evaluate_split(model, tokenizer, svf, task, examples, config, use_svf=True):
     parts = [None] * world
     dist.all_gather_object(parts, result["records"])
     records = [parts[i % world][i // world] for i in range(len(examples))]
-    k, n = sum(r["correct"] for r in records), len(records)
-    return dict(task=task.name, n=n, correct=k, accuracy=k / max(n, 1), interval=evaluate.wilson_interval(k, n),
-                records=records)
+    return dict(task=task.name, **evaluate.accuracy([r["correct"] for r in records]), records=records)
 
 
 def plot(history: list[dict], path: Path):

@@ -11,6 +11,7 @@ Prints the card's name with every number.
 """
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -153,13 +154,13 @@ def attention_probe(lengths=range(33, 65), batch=1):
     the same attention shapes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def one_pass(seed_offset):
+    def one_pass(length_offset):
         times = []
         for n in lengths:
             q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(batch, 8, n + seed_offset, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(batch, 8, n + length_offset, 128, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
-            mask = torch.ones(batch, 1, 1, n + seed_offset, dtype=torch.bool, device="cuda")
+            mask = torch.ones(batch, 1, 1, n + length_offset, dtype=torch.bool, device="cuda")
             sync()
             start = time.perf_counter()
             torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -169,9 +170,9 @@ def attention_probe(lengths=range(33, 65), batch=1):
 
     variants = {"default backends": None,
                 "no cuDNN (flash, efficient, math)": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
-    for offset, (label, backends) in enumerate(variants.items()):
-        with sdpa_kernel(backends) if backends else torch.no_grad():
-            first, again = one_pass(offset * 1000), one_pass(offset * 1000)
+    for i, (label, backends) in enumerate(variants.items()):  # each variant on key lengths not met before
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            first, again = one_pass(i * 1000), one_pass(i * 1000)
         print(f"attention probe, {label}: new shapes {first:.2f} ms per call, same shapes again {again:.2f} ms")
 
 
