@@ -36,6 +36,9 @@ def main(argv=None):
     p.add_argument("--task", default="arc_challenge", choices=sorted(set(tasks.TASKS) - {"cls"}))
     p.add_argument("--experts", default=DEFAULTS["experts"], help="folder of expert files")
     p.add_argument("--expert-name", default=None, help="for --mode expert: code, math or reasoning")
+    p.add_argument("--lora", default=None,
+                   help="LoRA file (train.py --method lora) on q and v under every mode; with --mode none, "
+                        "the LoRA row of the paper's Table 2")
     p.add_argument("--model", default=m.DEFAULT_MODEL)
     p.add_argument("--split", default=DEFAULTS["split"], help="default: test (MATH: test500)")
     p.add_argument("--limit", type=int, default=DEFAULTS["limit"], help="score only the first N prompts")
@@ -62,12 +65,17 @@ def main(argv=None):
     # The shots are drawn (and left out of the score) in every mode, so rows of different modes score the same prompts.
     shots, scored, shot_split = dispatch.shots_and_scored(task, split, args.shots, args.seed, args.limit)
     threads = m.set_threads(args.threads)
-    out = Path(args.out or f"runs/adapt-{args.mode}-{args.task}.json")
+    label = args.mode + ("+lora" if args.lora else "")
+    out = Path(args.out or f"runs/adapt-{label}-{args.task}.json")
     print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
 
     model, tokenizer = m.load(args.model, device=args.device)
+    if args.lora:
+        import lora
+
+        lora.apply(model, args.lora)  # q and v; the SVF experts adapt the MLP, so the two do not overlap
     two = dispatch.TwoPass(model, tokenizer, dispatch.load_experts(args.experts), args.batch_size)
-    report = dict(mode=args.mode, task=task.name, split=split, scored=len(scored),
+    report = dict(mode=args.mode, lora=args.lora, task=task.name, split=split, scored=len(scored),
                   shots=len(shots) if args.mode == "fewshot" else 0, shots_excluded_from=shot_split)
 
     start = time.perf_counter()
@@ -118,7 +126,7 @@ def main(argv=None):
     print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
     n, (low, high) = report["n"], report["interval"]
-    print(f"| {args.mode} | {task.name} ({split}) | {n} | {report['accuracy']:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
+    print(f"| {label} | {task.name} ({split}) | {n} | {report['accuracy']:.3f} | {low:.3f}-{high:.3f} | {pass1:.0f} | {pass2:.0f} | "
           f"{pass1 / pass2:.0%} |")
     if "chosen" in report:
         print(f"chosen experts ({report['label_rule']} rule): {report['chosen']}; classification accuracy "

@@ -97,6 +97,7 @@ def main():
     parser.add_argument("--expert", default=None, help="SVF expert file (.safetensors) to apply to the model")
     parser.add_argument("--shuffle-seed", type=int, default=None,
                         help="permute each z of --expert with this seed: the ordered-σ control (paper Table 5)")
+    parser.add_argument("--lora", default=None, help="LoRA file (train.py --method lora) to apply instead of an expert")
     parser.add_argument("--split", default=DEFAULTS["split"])
     parser.add_argument("--limit", type=int, default=DEFAULTS["limit"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -105,6 +106,8 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
+    if args.lora and args.expert:
+        parser.error("give --expert (SVF) or --lora, not both")
 
     task = tasks.get(args.task)
     examples = task.load(args.split)[: args.limit]
@@ -121,6 +124,10 @@ def main():
         svf.apply_expert(model, args.expert, shuffle_seed=args.shuffle_seed)
     elif args.shuffle_seed is not None:
         parser.error("--shuffle-seed permutes an expert: give --expert too")
+    if args.lora:
+        import lora
+
+        lora.apply(model, args.lora)
 
     result = evaluate(model, tokenizer, task, examples, args.batch_size, args.max_new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)

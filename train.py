@@ -20,7 +20,6 @@ Process 0 alone prints, logs and writes files.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -31,8 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate
@@ -40,6 +37,7 @@ import model as m
 import reinforce
 import svf as svf_lib
 import tasks
+from lora import LoRA
 
 # The paper's settings (Table 6), with the mean-reward baseline (see reinforce.py for why).
 PAPER = dict(
@@ -145,78 +143,6 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # a truncated or foreign file: say what to do rather than show a pickle trace
         raise RuntimeError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}); "
                            f"delete it to start over, or restore a copy") from e
-
-
-class LoRALinear(nn.Module):
-    """W x + (α/r) B A dropout(x), with A (r, in) random and B (out, r) zero, so training starts at W."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator):
-        super().__init__()
-        self.base = base
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
-        self.scale, self.dropout = alpha / rank, dropout
-        self.mode = "train"  # "train" (dropout on) | "merged" (no dropout, for generation) | "disabled" (W alone)
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.mode == "disabled":
-            return y
-        x = F.dropout(x, self.dropout, training=self.mode == "train")
-        return y + (x @ self.A.to(x.dtype).t() @ self.B.to(x.dtype).t()) * self.scale
-
-
-class LoRA:
-    """The baseline of the paper's Tables 1 and 4: LoRA on q and v (rank 16, alpha 32, dropout 0.05),
-    with the same interface as svf.SVF so the training loop serves both."""
-
-    def __init__(self, model, rank=16, alpha=32, dropout=0.05, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        self.modules = {}
-        for i, layer in enumerate(model.layers):
-            for proj in ("q_proj", "v_proj"):
-                lora = LoRALinear(getattr(layer.attn, proj), rank, alpha, dropout, generator).to(model.embed.weight.device)
-                setattr(layer.attn, proj, lora)
-                self.modules[f"layers.{i}.attn.{proj}"] = lora
-        print(f"[lora] rank {rank} on q and v: {sum(p.numel() for p in self.parameters()):,} trainable parameters", file=sys.stderr)
-
-    def parameters(self):
-        return [p for lora in self.modules.values() for p in (lora.A, lora.B)]
-
-    def state(self):
-        return {f"{name}.{part}": getattr(lora, part).detach().cpu().clone() for name, lora in self.modules.items() for part in "AB"}
-
-    @torch.no_grad()
-    def load_state(self, state):
-        for name, lora in self.modules.items():
-            lora.A.copy_(state[f"{name}.A"])
-            lora.B.copy_(state[f"{name}.B"])
-
-    @contextlib.contextmanager
-    def _mode(self, mode):
-        """Every LoRA layer in the given mode for the duration, then back to the mode it had (as svf.SVF.mode)."""
-        previous = next(iter(self.modules.values())).mode
-        for lora in self.modules.values():
-            lora.mode = mode
-        try:
-            yield self
-        finally:
-            for lora in self.modules.values():
-                lora.mode = previous
-
-    def merged(self):
-        return self._mode("merged")
-
-    def disabled(self):
-        return self._mode("disabled")
-
-    def save_expert(self, path, **extra):
-        from safetensors.torch import save_file
-
-        tmp = Path(str(path) + ".tmp")
-        save_file(self.state(), tmp, metadata={"format": "transformer2-lora/1", **{k: str(v) for k, v in extra.items()}})
-        os.replace(tmp, path)
-        return Path(path)
 
 
 def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):

@@ -45,7 +45,8 @@ def adapt_rows(files):
         elif r["mode"] == "expert":
             what = r["records"][0]["choice"] if r["records"] else ""
         share = f"{r['pass1_share_of_pass2']:.0%}" if r.get("pass1_share_of_pass2") else "-"
-        print(f"| {r['mode']} | {r['task']} ({r['split']}) | {r['scored']} | {r['accuracy']:.3f} | {interval(r['interval'])} "
+        mode = r["mode"] + (f" + LoRA ({Path(r['lora']).parent.name})" if r.get("lora") else "")
+        print(f"| {mode} | {r['task']} ({r['split']}) | {r['scored']} | {r['accuracy']:.3f} | {interval(r['interval'])} "
               f"| {r['pass1_seconds']:.0f} | {r['pass2_seconds']:.0f} | {share} | {what} |")
 
 
