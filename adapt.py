@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decode step (auto: on a GPU)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
@@ -70,6 +72,8 @@ def main(argv=None):
     print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
 
     model, tokenizer = m.load(args.model, device=args.device)
+    if m.compile_wanted(args.compile, model.embed.weight.device):
+        m.compile_decode(model)
     if args.lora:
         import lora
 

@@ -104,6 +104,8 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     parser.add_argument("--out", default=DEFAULTS["out"])
     parser.add_argument("--device", default=None)
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile the decode step (auto: on a GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     if args.lora and args.expert:
@@ -118,6 +120,8 @@ def main():
     print("config: " + json.dumps(config))
 
     model, tokenizer = m.load(args.model, device=args.device)
+    if m.compile_wanted(args.compile, model.embed.weight.device):
+        m.compile_decode(model)
     if args.expert:
         import svf
 

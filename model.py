@@ -176,7 +176,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
+    def update(self, start, k, v):
+        """Write k, v (B, n_kv_heads, T, head_dim) at slots start.., return the keys and values to attend to.
+
+        start an int: the filled part of the cache, [:start + T]. start a 0-d tensor (the compiled decode
+        step): the whole cache, written in place, so every step has the same shapes and no Python number
+        changes between steps; the attention mask hides the slots not written yet.
+        """
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -193,7 +204,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, start: int):
+    def forward(self, x, cos, sin, mask, start):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
@@ -226,7 +237,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, start: int):
+    def forward(self, x, cos, sin, mask, start):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, start)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -242,27 +253,31 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.compiled_decode = None  # set by compile_decode()
 
-    def forward(self, tokens, pad: torch.Tensor | None = None, start: int = 0, last_only: bool = False):
+    def forward(self, tokens, pad: torch.Tensor | None = None, start: int | torch.Tensor = 0, last_only: bool = False):
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         pad (B,): how many left-padding tokens each row has; those slots are never attended to and
         positions count from each row's first real token. start: the cache slot of tokens[:, 0]
         (0 without a cache). Every row shares the slot index, which is why prompts are left-padded.
+        A 0-d tensor start attends over the whole cache (see KVCache.update): the compiled decode step.
         """
         x = self.hidden_states(tokens, pad, start)
         return self.lm_head(x[:, -1:] if last_only else x).float()  # logits in fp32 whatever the weights are
 
-    def hidden_states(self, tokens, pad: torch.Tensor | None = None, start: int = 0):
+    def hidden_states(self, tokens, pad: torch.Tensor | None = None, start: int | torch.Tensor = 0):
         """tokens (B, T) -> final normalised hidden states (B, T, dim), before the output projection
         (training computes logits only where it needs them: the vocabulary is the largest matrix)."""
         B, T = tokens.shape
         device = tokens.device
         pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
-        slots = torch.arange(start, start + T, device=device)  # (T,)
+        slots = start + torch.arange(T, device=device)  # (T,)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed.weight.dtype)
-        mask = attention_mask(pad, slots, start + T, self.args.sliding_window)  # (B, 1, T, start + T)
+        # Keys: the filled cache (int start), or all of it (tensor start, the compiled step).
+        n_keys = self.layers[0].attn.cache.k.shape[2] if isinstance(start, torch.Tensor) else start + T
+        mask = attention_mask(pad, slots, n_keys, self.args.sliding_window)  # (B, 1, T, n_keys)
 
         x = self.embed(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -435,6 +450,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compile_wanted(choice: str, device) -> bool:
+    """The scripts' --compile auto|on|off; auto compiles on a GPU only (on a CPU, compiling the SVF
+    training forward did not pay for itself in bench/svf.py)."""
+    return torch.device(device).type == "cuda" if choice == "auto" else choice == "on"
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     # fp32 on CPU (bf16 matmuls are slower there at small batch), bf16 on GPUs.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -563,9 +584,21 @@ def prefill(model, tokens, pad):
     return model(tokens, pad=pad, start=0, last_only=True)[:, -1]  # (B, vocab)
 
 
-def decode_one_token(model, token, pad, start: int):
-    """One new token per row at cache slot `start`; logits for the next one."""
+def decode_one_token(model, token, pad, start):
+    """One new token per row at cache slot `start` (an int; a 0-d tensor in the compiled step); logits for the next one."""
     return model(token[:, None], pad=pad, start=start)[:, -1]  # (B, vocab)
+
+
+CACHE_ROUND = 256  # with a compiled step, cache lengths are rounded up to a multiple of this: few shapes to compile
+
+
+def compile_decode(model: "Transformer", mode: str | None = None) -> "Transformer":
+    """From now on generate() decodes with a torch.compile'd step. The step gets its cache slot as a
+    tensor and attends over the whole preallocated cache (masked), so its shapes stay the same from
+    token to token and it compiles once per batch size and cache length. mode: torch.compile's
+    ("reduce-overhead" adds CUDA graphs). Needs a compiler toolchain (Triton on a GPU, C++ on a CPU)."""
+    model.compiled_decode = torch.compile(decode_one_token, dynamic=False, mode=mode)
+    return model
 
 
 @torch.inference_mode()
@@ -606,7 +639,12 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
-    model.setup_cache(B, longest + max_new_tokens)
+    step = model.compiled_decode
+    cache_len = longest + max_new_tokens
+    if step is not None:
+        cache_len = max(min(-(-cache_len // CACHE_ROUND) * CACHE_ROUND, model.args.max_seq_len), cache_len)
+        slot = torch.tensor(longest, device=device)  # the compiled step's cache slot, kept on the device
+    model.setup_cache(B, cache_len)
     try:
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
@@ -628,7 +666,10 @@ def generate(
                 if bool(done.all()):
                     break
             if t + 1 < max_new_tokens:
-                logits = decode_one_token(model, next_token, pad, longest + t)
+                if step is None:
+                    logits = decode_one_token(model, next_token, pad, longest + t)
+                else:
+                    logits, slot = step(model, next_token, pad, slot), slot + 1
     finally:
         model.clear_cache()
 

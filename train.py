@@ -90,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=("rl", "nexttoken"), default="rl",
                    help="REINFORCE on the task's reward, or supervised next-token loss on reference replies")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the SVF training forward (auto: on a GPU; on a CPU it did not help in bench/svf.py)")
+                   help="torch.compile the SVF training forward and the decode step of the rollouts and "
+                        "evaluations (auto: on a GPU; on a CPU it did not help in bench/svf.py)")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="auto: the CPU preset when there is no GPU, else the paper's settings")
     return p.parse_args(argv)
@@ -110,7 +111,7 @@ def resolve_config(args) -> dict:
             config[key] = value
     config["preset"] = preset
     config["device"] = str(device)
-    config["compile"] = device.type == "cuda" if args.compile == "auto" else args.compile == "on"
+    config["compile"] = m.compile_wanted(args.compile, device)
     config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
     adapter = f"{config['param']}-{config['targets']}" if config["method"] == "svf" else "lora"
     config["out"] = config["out"] or f"runs/{args.task}-{adapter}-{config['objective']}"
@@ -249,6 +250,8 @@ def main(argv=None):
     test_set = task.load("test")[: config["test_limit"]]
     steps = config["steps"] or max(int(config["epochs"] * len(train_set) / config["batch_size"]), 1)
     model, tokenizer = m.load(config["model"], device=config["device"])
+    if config["compile"]:
+        m.compile_decode(model)
     torch.manual_seed(config["seed"])
     if config["method"] == "lora":
         svf = LoRA(model, seed=config["seed"])

@@ -6,7 +6,8 @@
 1. Correctness on the GPU: a tiny random Llama in fp32 against transformers on the same device (when
    transformers is installed), and batched ragged generation against one prompt at a time.
 2. Speed at real shapes in bf16: prefill, batch-1 decode and batched decode tok/s, with the bound that
-   memory bandwidth sets for batch-1 decode (all weight bytes read once per token).
+   memory bandwidth sets for batch-1 decode (all weight bytes read once per token); decoding eager,
+   with the torch.compile'd step the scripts use on a GPU, and with CUDA graphs (reduce-overhead).
 Prints the card's name with every number.
 """
 
@@ -80,6 +81,11 @@ def correctness(device):
         batched = m.generate(ours, tok, prompts, max_new_tokens=12)
         single = [m.generate(ours, tok, [p], max_new_tokens=12).tokens[0] for p in prompts]
         print(f"batched ragged greedy == one at a time (fp32, {device}): {batched.tokens == single}")
+        for mode in (None, "reduce-overhead"):
+            m.compile_decode(ours, mode=mode)
+            compiled = m.generate(ours, tok, prompts, max_new_tokens=12)
+            print(f"compiled decode step ({mode or 'default'}) greedy == eager (fp32, {device}): {compiled.tokens == batched.tokens}")
+        ours.compiled_decode = None
 
 
 def random_model(config: dict, device, dtype=torch.bfloat16):
@@ -100,7 +106,7 @@ def random_model(config: dict, device, dtype=torch.bfloat16):
 
 def time_generate(model, batch, prompt_len, new_tokens):
     prompts = [torch.randint(0, model.args.vocab_size, (prompt_len,)).tolist() for _ in range(batch)]
-    m.generate(model, NoTokenizer(), prompts, max_new_tokens=4)  # warm-up
+    m.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens)  # warm-up (and compilation) at the same shapes
     sync()
     start = time.perf_counter()
     m.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens)
@@ -108,7 +114,7 @@ def time_generate(model, batch, prompt_len, new_tokens):
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def speed(name, config, quick):
+def speed(name, config, quick, compile_modes=("default", "reduce-overhead")):
     device = torch.device("cuda")
     model = random_model(config, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -123,13 +129,21 @@ def speed(name, config, quick):
             model(tokens, last_only=True)
         sync()
     prefill_tps = 5 * 512 / (time.perf_counter() - start)
-    single = time_generate(model, 1, 32, 64 if quick else 128)
-    batched = time_generate(model, 32, 32, 64 if quick else 256)
     print(f"== {name} shapes, bf16, random weights, {card}")
     print(f"weights {weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 decode bound "
-          f"{bandwidth / weight_bytes:.0f} tok/s")
-    print(f"prefill 1x512: {prefill_tps:,.0f} tok/s | decode batch 1: {single:.1f} tok/s "
-          f"({single * weight_bytes / bandwidth:.0%} of the bound) | decode batch 32: {batched:.0f} tok/s aggregate")
+          f"{bandwidth / weight_bytes:.0f} tok/s; prefill 1x512: {prefill_tps:,.0f} tok/s")
+    # Eager decoding, then the torch.compile'd step that evaluate.py / adapt.py / train.py use on a GPU
+    # (model.compile_decode), then with CUDA graphs; each warmed up (and compiled) at the timed shapes.
+    for mode in ("eager", *compile_modes):
+        model.compiled_decode = None
+        if mode != "eager":
+            m.compile_decode(model, mode=None if mode == "default" else mode)
+        start = time.perf_counter()
+        single = time_generate(model, 1, 32, 64 if quick else 128)
+        batched = time_generate(model, 32, 32, 64 if quick else 256)
+        print(f"decode {mode:>15}: batch 1 {single:.1f} tok/s ({single * weight_bytes / bandwidth:.0%} of the bound) | "
+              f"batch 32 {batched:.0f} tok/s aggregate | {time.perf_counter() - start:.0f} s with warm-up and compilation")
+    model.compiled_decode = None
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del model
     torch.cuda.empty_cache()
@@ -235,6 +249,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--no-svf", action="store_true", help="skip the SVF training-step timing")
+    parser.add_argument("--compile-modes", nargs="*", default=["default", "reduce-overhead"],
+                        help="torch.compile modes of the decode step to time besides eager (none: eager only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU")
@@ -243,7 +259,7 @@ def main():
     attention_probe()
     warm_up_gpu()
     for name in args.shapes:
-        speed(name, SHAPES[name], args.quick)
+        speed(name, SHAPES[name], args.quick, args.compile_modes)
     if not args.no_svf:
         svf_step(args.shapes[0], SHAPES[args.shapes[0]])
 

@@ -247,3 +247,36 @@ def test_chat_template_matches_transformers(tmp_path):
         for msgs in (messages, messages[1:]):
             for add in (True, False):
                 assert ours.render_chat(msgs, add) == reference.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add)
+
+
+def check_against_full_forward(model, prompts, out, atol=1e-8):
+    """Every generated token's log-probability equals the full forward's (no cache) on prompt + reply,
+    and greedy decoding picked its argmax."""
+    for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
+        sequence = torch.tensor([prompt + tokens])
+        logp = torch.log_softmax(model(sequence)[0, len(prompt) - 1 : -1], dim=-1)
+        assert torch.allclose(logprobs, logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), atol=atol)
+        assert tokens == logp.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+def test_tensor_slot_decode_equals_full_forward(family, tmp_path):
+    """The compiled decode step's path (slot as a tensor, the whole rounded-up cache attended with a
+    mask), run eagerly, on ragged prompts and past a sliding window."""
+    tiny_hf_model(family.split("_")[0], tmp_path, **FAMILIES[family])
+    model, tokenizer = m.load(tmp_path, dtype=torch.float64, device="cpu")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    model.compiled_decode = m.decode_one_token  # the step generate() would compile
+    out = m.generate(model, tokenizer, prompts, max_new_tokens=14, return_logprobs=True)
+    assert [len(t) for t in out.tokens] == [14] * 4  # no row stopped early: every step ran
+    check_against_full_forward(model, prompts, out)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_full_forward(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    m.compile_decode(model)
+    prompts = [[5, 9, 17, 33], [7, 8]]
+    out = m.generate(model, tokenizer, prompts, max_new_tokens=10, return_logprobs=True)
+    check_against_full_forward(model, prompts, out, atol=1e-4)
