@@ -15,7 +15,6 @@ time and their ratio (Table 3).
 import argparse
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -122,10 +121,8 @@ def main(argv=None):
                   pass1_share_of_pass2=pass1 / pass2 if pass2 else None,
                   records=[dict(id=e["id"], pass1=p1, choice=c if c is None or isinstance(c, str) else "mixed", reply=r,
                                 correct=ok) for e, p1, c, r, ok in zip(scored, pass1_replies, choices, replies, correct)])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    with m.atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
 
     print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
     print("|---|---|---:|---:|---|---:|---:|---:|")

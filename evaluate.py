@@ -11,7 +11,6 @@ reason) so every number can be checked by hand.
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -134,12 +133,9 @@ def main():
         lora.apply(model, args.lora)
 
     result = evaluate(model, tokenizer, task, examples, args.batch_size, args.max_new_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w") as f:
+    with m.atomic_path(out) as tmp, open(tmp, "w") as f:
         for record in result["records"]:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     low, high = result["interval"]
     print(f"{task.name} {args.split}: accuracy {result['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}, "
           f"n={result['n']}), {result['tok_per_s']:.1f} tok/s, {result['seconds']:.0f} s, "

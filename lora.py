@@ -6,13 +6,14 @@
 """
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import model as m
 
 FORMAT = "transformer2-lora/1"
 PROJECTIONS = ("q_proj", "v_proj")
@@ -86,10 +87,9 @@ class LoRA:
     def save_expert(self, path, **extra):
         from safetensors.torch import save_file
 
-        tmp = Path(str(path) + ".tmp")
         meta = {"format": FORMAT, "rank": str(self.rank), "alpha": str(self.alpha), "dropout": str(self.dropout)}
-        save_file(self.state(), tmp, metadata={**meta, **{k: str(v) for k, v in extra.items()}})
-        os.replace(tmp, path)
+        with m.atomic_path(path) as tmp:
+            save_file(self.state(), tmp, metadata={**meta, **{k: str(v) for k, v in extra.items()}})
         return Path(path)
 
 

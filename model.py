@@ -14,6 +14,7 @@ the math in a way it does not implement, so it never gives silently wrong output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -391,7 +392,11 @@ def resolve(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
         raise FileNotFoundError(f"model folder {path} does not exist (and {name!r} is not a hub id of the form org/name)")
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     fetch = dict(repo_id=name, allow_patterns=["*.json", "*.safetensors"])  # no .bin / .pth / gguf duplicates
     try:
@@ -743,6 +748,20 @@ def free_cores(sample_seconds: float = 0.2) -> int:
         return max(1, min(cores, round(total * (1 - busy_fraction))))
     except (OSError, ValueError):
         return cores
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` to write to; rename it over `path` when the block ends without
+    an error, so an interrupted write never leaves a half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -198,11 +197,9 @@ def decompose(model: m.Transformer, names: list[str], cache: bool = True, progre
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (m, r), (r,), (r, n), S descending
         factors[name] = (U.to(dtype).contiguous(), S, Vh.to(dtype).contiguous())
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{n}.{part}": t.cpu() for n, f in factors.items() for part, t in zip(("U", "S", "Vh"), f)}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"key": key, "names": json.dumps(names)})
-        os.replace(tmp, path)
+        with m.atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"key": key, "names": json.dumps(names)})
     return factors
 
 
@@ -335,10 +332,8 @@ class SVF:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(self.state(), tmp, metadata=self.metadata(**extra))
-        os.replace(tmp, path)
+        with m.atomic_path(path) as tmp:
+            save_file(self.state(), tmp, metadata=self.metadata(**extra))
         return path
 
     def same_singular_values(self, meta: dict) -> bool:

@@ -131,9 +131,8 @@ def batches(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]
 
 def save_checkpoint(path: Path, state: dict):
     """torch.save to a temporary file, then rename: an interrupted write never replaces a good checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with m.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:

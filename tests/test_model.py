@@ -280,3 +280,15 @@ def test_compiled_decode_equals_full_forward(tiny_llama):
     prompts = [[5, 9, 17, 33], [7, 8]]
     out = m.generate(model, tokenizer, prompts, max_new_tokens=10, return_logprobs=True)
     check_against_full_forward(model, prompts, out, atol=1e-4)
+
+
+def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    with m.atomic_path(path) as tmp:
+        tmp.write_text("first")
+    assert path.read_text() == "first"
+    with pytest.raises(RuntimeError), m.atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "first"
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
