@@ -3,6 +3,7 @@ in the tables is read from the run that made it rather than copied by hand.
 
     python bench/results_table.py train runs/cls-mask-mlp-rl runs/arc_easy-mask-mlp-rl
     python bench/results_table.py adapt runs/adapt-*-arc_challenge.json
+    python bench/results_table.py table2 runs       # the paper's Table 2 layout from runs/adapt-*.json
 """
 
 import json
@@ -50,7 +51,29 @@ def adapt_rows(files):
               f"| {r['pass1_seconds']:.0f} | {r['pass2_seconds']:.0f} | {share} | {what} |")
 
 
+def table2(folders):
+    """The paper's Table 2 layout: one row per mode, one column per unseen task, from
+    <folder>/adapt-<mode>-<task>.json (the LoRA row from adapt-none+lora-<task>.json)."""
+    folder = Path(folders[0]) if folders else Path("runs")
+    tasks = ("math", "humaneval", "arc_challenge")
+    rows = (("base model", "none"), ("one expert (the task's category)", "expert"), ("Transformer², prompt", "prompt"),
+            ("Transformer², cls-expert", "cls"), ("Transformer², few-shot", "fewshot"), ("LoRA (next-token)", "none+lora"))
+    print("| | " + " | ".join(tasks) + " |")
+    print("|---|" + "---:|" * len(tasks))
+    for name, mode in rows:
+        cells = []
+        for task in tasks:
+            path = folder / f"adapt-{mode}-{task}.json"
+            if path.exists():
+                r = json.loads(path.read_text())
+                cells.append(f"{r['accuracy']:.3f} ({interval(r['interval'])}, n={r['scored']})")
+            else:
+                cells.append("not run")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("train", "adapt"):
+    commands = {"train": train_rows, "adapt": adapt_rows, "table2": table2}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands or (sys.argv[1] != "table2" and len(sys.argv) < 3):
         sys.exit(__doc__)
-    (train_rows if sys.argv[1] == "train" else adapt_rows)(sys.argv[2:])
+    commands[sys.argv[1]](sys.argv[2:])
