@@ -2,6 +2,7 @@
 
     python bench/generate.py                      # batch 1 x 128 tokens and 32 prompts x 256 tokens
     python bench/generate.py --batch 8 --batch-tokens 64
+    python bench/generate.py --compiled           # also model.py with its torch.compile'd decode step
 
 Both sides generate exactly the requested number of tokens (EOS is ignored), greedy. Also printed: the
 weight bytes one decode step must read, the machine's measured memory bandwidth, and the tok/s that
@@ -86,6 +87,9 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time model.py with the compiled decode step (model.compile_decode), warmed up "
+                             "and compiled at the timed shapes first")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -105,15 +109,23 @@ def main():
         prompts = prompts_for(tokenizer, n)
         ours = time_ours(model, tokenizer, prompts, new)
         theirs = time_transformers(hf_model, prompts, new, pad_id)
-        rows.append((f"{label} x {new} new tokens", ours, theirs))
+        compiled = None
+        if args.compiled:
+            m.compile_decode(model)
+            time_ours(model, tokenizer, prompts, new)  # compiles for these shapes
+            compiled = time_ours(model, tokenizer, prompts, new)
+            model.compiled_decode = None
+        rows.append((f"{label} x {new} new tokens", ours, theirs, compiled))
 
     step_bytes = decode_step_bytes(model)
     bandwidth = memory_bandwidth()
     print()
-    print("| run | model.py tok/s | transformers tok/s | ratio |")
-    print("|---|---:|---:|---:|")
-    for label, ours, theirs in rows:
-        print(f"| {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+    extra = " model.py compiled tok/s | compiled / eager |" if args.compiled else ""
+    print("| run | model.py tok/s | transformers tok/s | ratio |" + extra)
+    print("|---|---:|---:|---:|" + ("---:|---:|" if args.compiled else ""))
+    for label, ours, theirs, compiled in rows:
+        more = f" {compiled:.1f} | {compiled / ours:.2f}x |" if compiled else ""
+        print(f"| {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |" + more)
     print()
     print(f"weight bytes per decode step: {step_bytes / 1e6:.0f} MB; measured read bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"batch-1 ceiling {bandwidth / step_bytes:.1f} tok/s (model.py reaches {rows[0][1] * step_bytes / bandwidth:.0%} of it)")
