@@ -5,7 +5,6 @@
     adapt.py --lora apply a trained file.
 """
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import model as m
+import svf
 
 FORMAT = "transformer2-lora/1"
 PROJECTIONS = ("q_proj", "v_proj")
@@ -64,25 +64,17 @@ class LoRA:
             lora.A.copy_(state[f"{name}.A"])
             lora.B.copy_(state[f"{name}.B"])
 
-    @contextlib.contextmanager
-    def _mode(self, mode):
-        """Every LoRA layer in the given mode for the duration, then back to the mode it had (as svf.SVF.mode)."""
-        previous = next(iter(self.modules.values())).mode
-        self.set_mode(mode)
-        try:
-            yield self
-        finally:
-            self.set_mode(previous)
+    mode = svf.SVF.mode  # every layer in the given mode for the duration, then back to the mode it had
 
     def set_mode(self, mode):
         for lora in self.modules.values():
             lora.mode = mode
 
     def merged(self):
-        return self._mode("merged")
+        return self.mode("merged")
 
     def disabled(self):
-        return self._mode("disabled")
+        return self.mode("disabled")
 
     def save_expert(self, path, **extra):
         from safetensors.torch import save_file
