@@ -54,6 +54,24 @@ def tiny_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
     return model
 
 
+def check_model_evaluate_main_builds(monkeypatch, argv: list[str], check):
+    """Run evaluate.py's main with these arguments, stop it where it would evaluate, and hand the model
+    it built (with its expert or LoRA applied) to check(model)."""
+    import evaluate
+
+    class Evaluated(Exception):
+        pass
+
+    def fake_evaluate(model, *args, **kwargs):
+        check(model)
+        raise Evaluated
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
+    with pytest.raises(Evaluated):
+        evaluate.main()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama")

@@ -1,16 +1,14 @@
 """LoRA (lora.py): the training modes, and a trained file applied for evaluation equals the update
 merged into transformers' weights by hand."""
 
-import sys
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import evaluate
 import lora
 import model as m
 import svf
+from conftest import check_model_evaluate_main_builds
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -67,19 +65,12 @@ def test_applied_file_equals_transformers_with_the_update_merged(tiny_llama, tmp
         assert (model(TOKENS) - expected).abs().max().item() <= 1e-4
 
     # evaluate.py --lora evaluates that same model
-    class Evaluated(Exception):
-        pass
-
-    def fake_evaluate(model, *args, **kwargs):
+    def check(model):
         with torch.no_grad():
             assert (model(TOKENS) - expected).abs().max().item() <= 1e-4
-        raise Evaluated
 
-    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama),
-                                      "--lora", str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")])
-    with pytest.raises(Evaluated):
-        evaluate.main()
+    check_model_evaluate_main_builds(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--lora",
+                                                   str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")], check)
 
 
 def test_bad_files_are_refused_with_what_to_do(tiny_llama, tmp_path):

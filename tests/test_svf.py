@@ -2,18 +2,15 @@
 against the others and against formulas computed independently with numpy, gradients that reach z
 only, the SVD cache, expert files, mixing, and the errors for bad input."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import evaluate
 import model as m
 import svf
-from conftest import tiny_hf_model
+from conftest import check_model_evaluate_main_builds, tiny_hf_model
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -457,20 +454,13 @@ def test_apply_expert_and_evaluate_uses_it(tiny_llama, tmp_path, monkeypatch):
         assert (model(TOKENS) - expected).abs().max().item() <= 1e-5
 
     # evaluate.py --expert: the model it evaluates is the merged expert
-    class Evaluated(Exception):
-        pass
-
-    def fake_evaluate(model, *args, **kwargs):
+    def check(model):
         with torch.no_grad():
             assert (model(TOKENS) - expected).abs().max().item() <= 1e-5
         assert any(isinstance(mod, svf.SVFLinear) and mod.mode == "merged" for mod in model.modules())
-        raise Evaluated
 
-    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama),
-                                      "--expert", str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")])
-    with pytest.raises(Evaluated):
-        evaluate.main()
+    check_model_evaluate_main_builds(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--expert",
+                                                   str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")], check)
 
 
 # ----------------------------------------------------------------------------------------------
