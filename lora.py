@@ -87,20 +87,8 @@ class LoRA:
 
 def apply(model, path) -> LoRA:
     """Wrap the model's q and v with the LoRA a file holds (train.py --method lora), ready for generation."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"LoRA file {path} not found (train one with: python train.py --task arc_easy --method lora)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); was it truncated?") from e
-    if meta.get("format") != FORMAT:
-        hint = " (an SVF expert: give it as --expert)" if meta.get("format", "").startswith("transformer2-svf") else ""
-        raise ValueError(f"{path} is not a LoRA file (metadata format {meta.get('format')!r}, expected {FORMAT!r}){hint}")
+    state, meta = svf.read_adapter_file(path, FORMAT, "LoRA file", "a LoRA file",
+                                        "python train.py --task arc_easy --method lora")
     rank = next((v.shape[0] for k, v in state.items() if k.endswith(".A")), 16)
     # Files written before rank and alpha were recorded used the defaults (alpha 32).
     lora = LoRA(model, rank=int(meta.get("rank", rank)), alpha=float(meta.get("alpha", 32)), dropout=0.0)

@@ -362,21 +362,29 @@ class SVF:
         return meta
 
 
-def read_expert(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_adapter_file(path, fmt: str, kind: str, what: str, train_command: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (fp32) and metadata of a safetensors file whose metadata says format fmt (an SVF expert
+    or a LoRA file), with errors that say what went wrong and what to do: kind names the file in the
+    not-found message, what in the wrong-format one."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"expert file {path} not found (train one with: python train.py --task gsm8k)")
+        raise FileNotFoundError(f"{kind} {path} not found (train one with: {train_command})")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            z = {k: f.get_tensor(k).float() for k in f.keys()}
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); was it truncated?") from e
-    if meta.get("format") != EXPERT_FORMAT:
-        raise ValueError(f"{path} is not an SVF expert (metadata format {meta.get('format')!r}, expected {EXPERT_FORMAT!r})")
-    return z, meta
+    if meta.get("format") != fmt:
+        hint = {EXPERT_FORMAT: " (an SVF expert: give it as --expert)"}.get(meta.get("format"), "")
+        raise ValueError(f"{path} is not {what} (metadata format {meta.get('format')!r}, expected {fmt!r}){hint}")
+    return tensors, meta
+
+
+def read_expert(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return read_adapter_file(path, EXPERT_FORMAT, "expert file", "an SVF expert", "python train.py --task gsm8k")
 
 
 def check_fits(svf: SVF, z: dict, meta: dict, path):
