@@ -48,8 +48,8 @@ def main(argv=None):
                    help="light: the paper's CEM-light (3 generations of 16); full: 32 per generation, up to 100")
     p.add_argument("--label-rule", choices=("strict", "lenient"), default=None,
                    help="how pass 1's reply names a category: strict, boxed only (the paper's rule; default for "
-                        "--mode prompt); lenient, else the first category word (the rule the classification "
-                        "expert was trained with; default for --mode cls)")
+                        "--mode prompt); lenient, else the first category word. --mode cls defaults to the rule the "
+                        "classifier was trained with (its metadata; lenient for files that do not say)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -77,14 +77,16 @@ def main(argv=None):
         import lora
 
         lora.apply(model, args.lora)  # q and v; the SVF experts adapt the MLP, so the two do not overlap
-    two = dispatch.TwoPass(model, tokenizer, dispatch.load_experts(args.experts), args.batch_size)
+    experts = dispatch.load_experts(args.experts)
+    two = dispatch.TwoPass(model, tokenizer, experts, args.batch_size)
     report = dict(mode=args.mode, lora=args.lora, task=task.name, split=split, scored=len(scored),
                   shots=len(shots) if args.mode == "fewshot" else 0, shots_excluded_from=shot_split)
 
     start = time.perf_counter()
     pass1_replies = [None] * len(scored)
     if args.mode in ("prompt", "cls"):
-        rule = args.label_rule or ("lenient" if args.mode == "cls" else "strict")
+        trained_rule = experts.get("classifier", (None, {}))[1].get("label_rule", "lenient")
+        rule = args.label_rule or (trained_rule if args.mode == "cls" else "strict")
         choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
                                               strict=rule == "strict")
         truth = dispatch.CATEGORY_OF_TASK[task.name]

@@ -92,9 +92,22 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the SVF training forward and the decode step of the rollouts and "
                         "evaluations (auto: on a GPU; on a CPU it did not help in bench/svf.py)")
+    p.add_argument("--label-rule", choices=("strict", "lenient"),
+                   help="--task cls only: how a reply names its category, for the reward: strict, boxed only (the "
+                        "paper's rule); lenient (default), else the first category word")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="auto: the CPU preset when there is no GPU, else the paper's settings")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.label_rule and args.task != "cls":
+        p.error("--label-rule is for --task cls (the classification expert)")
+    return args
+
+
+def make_task(config) -> tasks.Task:
+    """The task to train on; the classification task with the label rule of its reward."""
+    if config["task"] == "cls":
+        return tasks.get("cls", strict=config["label_rule"] == "strict")
+    return tasks.get(config["task"])
 
 
 def resolve_config(args) -> dict:
@@ -113,8 +126,11 @@ def resolve_config(args) -> dict:
     config["device"] = str(device)
     config["compile"] = m.compile_wanted(args.compile, device)
     config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
+    if args.task == "cls":
+        config["label_rule"] = args.label_rule or "lenient"
     adapter = f"{config['param']}-{config['targets']}" if config["method"] == "svf" else "lora"
-    config["out"] = config["out"] or f"runs/{args.task}-{adapter}-{config['objective']}"
+    strict = "-strict" if config.get("label_rule") == "strict" else ""
+    config["out"] = config["out"] or f"runs/{args.task}-{adapter}-{config['objective']}{strict}"
     config["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     return config
 
@@ -244,7 +260,7 @@ def main(argv=None):
     print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU_PRESET in train.py)" if config["preset"] == "cpu" else ""))
     print("config: " + json.dumps({**config, "threads": threads}))
 
-    task = tasks.get(config["task"])
+    task = make_task(config)
     train_set, valid_set = task.load("train"), task.load(VALID_SPLIT)[: config["eval_limit"]]
     test_set = task.load("test")[: config["test_limit"]]
     steps = config["steps"] or max(int(config["epochs"] * len(train_set) / config["batch_size"]), 1)
@@ -332,7 +348,8 @@ def main(argv=None):
     expert_path = out / "expert.safetensors"
     if rank == 0:
         svf.save_expert(expert_path, task=task.name, base_model=str(config["model"]), step=best["step"],
-                        valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"])
+                        valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"],
+                        **({"label_rule": config["label_rule"]} if task.name == "cls" else {}))
     base_test = evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
     expert_test = evaluate_split(model, tokenizer, svf, task, test_set, config)
     minutes = (time.perf_counter() - started) / 60

@@ -244,3 +244,24 @@ def test_data_parallel_run_equals_one_process(sharp_tiny_llama, tmp_path):
     records_one, records_two = read("one", "test-expert.jsonl"), read("two", "test-expert.jsonl")
     assert [(r["id"], r["completion"]) for r in records_two] == [(r["id"], r["completion"]) for r in records_one]
     assert len(records_one) == 7
+
+
+@pytest.mark.parametrize("rule, unboxed_scores", [("lenient", True), ("strict", False)])
+def test_cls_label_rule_sets_the_reward(rule, unboxed_scores):
+    """--label-rule strict rewards only a boxed label (the paper's rule); lenient also a bare label word."""
+    import train
+
+    config = train.resolve_config(train.parse_args(["--task", "cls", "--label-rule", rule, "--preset", "cpu"]))
+    task, example = train.make_task(config), {"label": "code"}
+    assert task.score(example, "Classification: `\\boxed{code}`")
+    assert task.score(example, "Classification: Code") is unboxed_scores
+    assert not task.score(example, "Classification: \\boxed{math}, not code")
+    assert config["out"].endswith("-strict") is (rule == "strict")
+
+
+def test_label_rule_is_refused_for_other_tasks(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "gsm8k", "--label-rule", "strict"])
+    assert "--label-rule is for --task cls" in capsys.readouterr().err
