@@ -753,12 +753,16 @@ def free_cores(sample_seconds: float = 0.2) -> int:
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` to write to; rename it over `path` when the block ends without
-    an error, so an interrupted write never leaves a half-written file under the real name."""
+    an error, so an interrupted write never leaves a half-written file under the real name. The file
+    gets the permissions open() would give it (safetensors writes its files private, 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

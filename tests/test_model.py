@@ -292,3 +292,14 @@ def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
         raise RuntimeError("interrupted")
     assert path.read_text() == "first"
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_atomic_path_gives_the_permissions_of_open(tmp_path):
+    """safetensors writes 0600; an expert written through atomic_path is as readable as any new file."""
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    with m.atomic_path(tmp_path / "expert.safetensors") as tmp:
+        save_file({"z": torch.ones(2)}, tmp)
+    assert (tmp_path / "expert.safetensors").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
