@@ -97,6 +97,9 @@ def main():
     parser.add_argument("--shuffle-seed", type=int, default=None,
                         help="permute each z of --expert with this seed: the ordered-σ control (paper Table 5)")
     parser.add_argument("--lora", default=None, help="LoRA file (train.py --method lora) to apply instead of an expert")
+    parser.add_argument("--label-rule", choices=("strict", "lenient"), default=None,
+                        help="--task cls: strict, a boxed label only (the paper's rule); lenient, else the first label "
+                             "word. Default: the rule an --expert classifier was trained with, else lenient")
     parser.add_argument("--split", default=DEFAULTS["split"])
     parser.add_argument("--limit", type=int, default=DEFAULTS["limit"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -110,7 +113,14 @@ def main():
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")
 
+    if args.label_rule and args.task != "cls":
+        parser.error("--label-rule is for --task cls")
     task = tasks.get(args.task)
+    if args.task == "cls":
+        import svf
+
+        trained_rule = svf.read_expert(args.expert)[1].get("label_rule") if args.expert else None
+        task = tasks.get("cls", strict=(args.label_rule or trained_rule or "lenient") == "strict")
     examples = task.load(args.split)[: args.limit]
     out = Path(args.out or f"runs/eval-{args.task}-{args.split}.jsonl")
     threads = m.set_threads(args.threads)

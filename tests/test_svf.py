@@ -2,6 +2,8 @@
 against the others and against formulas computed independently with numpy, gradients that reach z
 only, the SVD cache, expert files, mixing, and the errors for bad input."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -461,6 +463,32 @@ def test_apply_expert_and_evaluate_uses_it(tiny_llama, tmp_path, monkeypatch):
 
     check_model_evaluate_main_builds(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--expert",
                                                    str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")], check)
+
+
+
+@pytest.mark.parametrize("trained_rule, flag, strict", [("strict", None, True), ("strict", "lenient", False),
+                                                        (None, None, False), (None, "strict", True)])
+def test_evaluate_scores_a_classifier_with_the_rule_it_was_trained_with(tiny_llama, tmp_path, monkeypatch,
+                                                                         trained_rule, flag, strict):
+    """evaluate.py --task cls --expert F reads replies with F's label rule (train.py --label-rule);
+    --label-rule overrides it; files that do not say are read leniently."""
+    import evaluate
+
+    path = tmp_path / "classifier.safetensors"
+    adapter = svf.SVF(load(tiny_llama), targets="attn", param="mask", progress=False)
+    adapter.save_expert(path, task="cls", **({"label_rule": trained_rule} if trained_rule else {}))
+    seen = []
+
+    def fake_evaluate(model, tokenizer, task, *args, **kwargs):
+        seen.append(task.score({"label": "code"}, "Classification: Code"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    argv = ["--task", "cls", "--limit", "1", "--model", str(tiny_llama), "--expert", str(path), "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv, *(["--label-rule", flag] if flag else [])])
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main()
+    assert seen == [not strict]  # an unboxed right label scores only under the lenient rule
 
 
 # ----------------------------------------------------------------------------------------------
