@@ -15,6 +15,7 @@ time and their ratio (Table 3).
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -101,6 +102,9 @@ def main(argv=None):
         settings = dataclasses.replace(settings, normalize=args.normalize, seed=args.seed)
         names, result = two.fewshot_alpha(task, shots, settings, args.per_layer,
                                           log=lambda h: print(f"[cem] iteration {h['iteration']}: best score {h['best_score']}"))
+        if result.best_score[0] == 0:  # no candidate solved a shot, so no right reply could break the tie
+            print(f"[cem] no mixture solved any of the {len(shots)} shots: every candidate tied, and the α kept is "
+                  f"the first one tried, not a finding (more shots, or --mode none, may serve better)", file=sys.stderr)
         mixed = two.mixed(names, result.best)
         choices = [mixed] * len(scored)
         alpha = result.best if not args.per_layer else result.best.mean(dim=1)

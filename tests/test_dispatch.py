@@ -140,3 +140,23 @@ def test_two_pass_with_one_expert_equals_evaluating_it_directly(two_pass, sharp_
     prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
     direct, _, _ = evaluate.generate_replies(model, tokenizer, prompts, 5, task.max_new_tokens, progress=False)
     assert two_pass_replies == direct
+
+
+def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypatch, capsys):
+    """adapt.py --mode fewshot: CEM over the experts on shots left out of the score, then pass 2 with the
+    α it reports; with no shot solved it says the α is not a finding."""
+    import json
+
+    import adapt
+
+    task = Words({f"{split}/{i}": "unreachable" for split in ("validation", "test") for i in range(12)})  # all tie at 0
+    monkeypatch.setattr(tasks, "get", lambda name, **kw: task)
+    out = tmp_path / "report.json"
+    adapt.main(["--mode", "fewshot", "--task", "arc_challenge", "--shots", "3", "--limit", "4", "--model",
+                str(sharp_tiny_llama), "--experts", str(tmp_path / "experts"), "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["scored"] == 4 and report["shots"] == 3 and report["cem_evaluations"] == 48
+    assert report["shot_score"][0] == 0 and "no mixture solved any of the 3 shots" in capsys.readouterr().err
+    mixed = svf_lib.mix([two_pass.experts[n] for n in dispatch.EXPERT_NAMES], torch.tensor(report["alpha_full"]), two_pass.svf.param)
+    scored = [e for e in task.load("test") if e["id"] in {r["id"] for r in report["records"]}]
+    assert [r["reply"] for r in report["records"]] == replies_with(two_pass, task, scored, mixed)
