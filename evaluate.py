@@ -115,12 +115,13 @@ def main():
 
     if args.label_rule and args.task != "cls":
         parser.error("--label-rule is for --task cls")
-    task = tasks.get(args.task)
-    if args.task == "cls":
+    options = {}
+    if args.task == "cls":  # the label rule: the flag, else the one the --expert classifier was trained with
         import svf
 
         trained_rule = svf.read_expert(args.expert)[1].get("label_rule") if args.expert else None
-        task = tasks.get("cls", strict=(args.label_rule or trained_rule or "lenient") == "strict")
+        options["strict"] = (args.label_rule or trained_rule or "lenient") == "strict"
+    task = tasks.get(args.task, **options)
     examples = task.load(args.split)[: args.limit]
     out = Path(args.out or f"runs/eval-{args.task}-{args.split}.jsonl")
     threads = m.set_threads(args.threads)

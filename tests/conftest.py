@@ -54,22 +54,22 @@ def tiny_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
     return model
 
 
-def check_model_evaluate_main_builds(monkeypatch, argv: list[str], check):
-    """Run evaluate.py's main with these arguments, stop it where it would evaluate, and hand the model
-    it built (with its expert or LoRA applied) to check(model)."""
+def evaluate_main_inputs(monkeypatch, argv: list[str]) -> tuple:
+    """Run evaluate.py's main with these arguments, stop it where it would evaluate, and return what it
+    would evaluate with: (model, tokenizer, task), the model with its expert or LoRA applied."""
     import evaluate
 
     class Evaluated(Exception):
         pass
 
-    def fake_evaluate(model, *args, **kwargs):
-        check(model)
-        raise Evaluated
+    def fake_evaluate(model, tokenizer, task, *args, **kwargs):
+        raise Evaluated(model, tokenizer, task)
 
     monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
-    with pytest.raises(Evaluated):
+    with pytest.raises(Evaluated) as stopped:
         evaluate.main()
+    return stopped.value.args
 
 
 @pytest.fixture(scope="session")

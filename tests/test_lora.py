@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import lora
 import model as m
 import svf
-from conftest import check_model_evaluate_main_builds
+from conftest import evaluate_main_inputs
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -65,12 +65,10 @@ def test_applied_file_equals_transformers_with_the_update_merged(tiny_llama, tmp
         assert (model(TOKENS) - expected).abs().max().item() <= 1e-4
 
     # evaluate.py --lora evaluates that same model
-    def check(model):
-        with torch.no_grad():
-            assert (model(TOKENS) - expected).abs().max().item() <= 1e-4
-
-    check_model_evaluate_main_builds(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--lora",
-                                                   str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")], check)
+    model, _, _ = evaluate_main_inputs(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--lora",
+                                                     str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")])
+    with torch.no_grad():
+        assert (model(TOKENS) - expected).abs().max().item() <= 1e-4
 
 
 def test_bad_files_are_refused_with_what_to_do(tiny_llama, tmp_path):

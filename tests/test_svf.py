@@ -2,8 +2,6 @@
 against the others and against formulas computed independently with numpy, gradients that reach z
 only, the SVD cache, expert files, mixing, and the errors for bad input."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import model as m
 import svf
-from conftest import check_model_evaluate_main_builds, tiny_hf_model
+from conftest import evaluate_main_inputs, tiny_hf_model
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -456,14 +454,11 @@ def test_apply_expert_and_evaluate_uses_it(tiny_llama, tmp_path, monkeypatch):
         assert (model(TOKENS) - expected).abs().max().item() <= 1e-5
 
     # evaluate.py --expert: the model it evaluates is the merged expert
-    def check(model):
-        with torch.no_grad():
-            assert (model(TOKENS) - expected).abs().max().item() <= 1e-5
-        assert any(isinstance(mod, svf.SVFLinear) and mod.mode == "merged" for mod in model.modules())
-
-    check_model_evaluate_main_builds(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--expert",
-                                                   str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")], check)
-
+    model, _, _ = evaluate_main_inputs(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama), "--expert",
+                                                     str(path), "--threads", "1", "--out", str(tmp_path / "e.jsonl")])
+    with torch.no_grad():
+        assert (model(TOKENS) - expected).abs().max().item() <= 1e-5
+    assert any(isinstance(mod, svf.SVFLinear) and mod.mode == "merged" for mod in model.modules())
 
 
 @pytest.mark.parametrize("trained_rule, flag, strict", [("strict", None, True), ("strict", "lenient", False),
@@ -472,23 +467,13 @@ def test_evaluate_scores_a_classifier_with_the_rule_it_was_trained_with(tiny_lla
                                                                          trained_rule, flag, strict):
     """evaluate.py --task cls --expert F reads replies with F's label rule (train.py --label-rule);
     --label-rule overrides it; files that do not say are read leniently."""
-    import evaluate
-
     path = tmp_path / "classifier.safetensors"
     adapter = svf.SVF(load(tiny_llama), targets="attn", param="mask", progress=False)
     adapter.save_expert(path, task="cls", **({"label_rule": trained_rule} if trained_rule else {}))
-    seen = []
-
-    def fake_evaluate(model, tokenizer, task, *args, **kwargs):
-        seen.append(task.score({"label": "code"}, "Classification: Code"))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
     argv = ["--task", "cls", "--limit", "1", "--model", str(tiny_llama), "--expert", str(path), "--threads", "1"]
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv, *(["--label-rule", flag] if flag else [])])
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.main()
-    assert seen == [not strict]  # an unboxed right label scores only under the lenient rule
+    _, _, task = evaluate_main_inputs(monkeypatch, [*argv, *(["--label-rule", flag] if flag else [])])
+    # an unboxed right label scores only under the lenient rule
+    assert task.score({"label": "code"}, "Classification: Code") is (not strict)
 
 
 # ----------------------------------------------------------------------------------------------
