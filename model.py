@@ -768,6 +768,26 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, examples, rows or tokens)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is below {low}; give an integer >= {low}")
+    return value
+
+
 def set_threads(threads: int | None = None) -> int:
     """torch threads: the given number, else T2_THREADS, else the cores free now."""
     threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
