@@ -41,8 +41,9 @@ def main(argv=None):
                         "the LoRA row of the paper's Table 2")
     p.add_argument("--model", default=m.DEFAULT_MODEL)
     p.add_argument("--split", default=DEFAULTS["split"], help="default: test (MATH: test500)")
-    p.add_argument("--limit", type=int, default=DEFAULTS["limit"], help="score only the first N prompts")
-    p.add_argument("--shots", type=int, default=DEFAULTS["shots"])
+    p.add_argument("--limit", type=m.positive_int, default=DEFAULTS["limit"], help="score only the first N prompts")
+    p.add_argument("--shots", type=m.positive_int, default=DEFAULTS["shots"],
+                   help="prompts drawn as CEM's shots, left out of the score in every mode")
     p.add_argument("--per-layer", action="store_true", help="one α per expert and layer (else per expert)")
     p.add_argument("--normalize", action="store_true", help="Σα = 1")
     p.add_argument("--cem", choices=("light", "full"), default=DEFAULTS["cem"],
@@ -51,13 +52,13 @@ def main(argv=None):
                    help="how pass 1's reply names a category: strict, boxed only (the paper's rule; default for "
                         "--mode prompt); lenient, else the first category word. --mode cls defaults to the rule the "
                         "classifier was trained with (its metadata; lenient for files that do not say)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--batch-size", type=m.positive_int, default=DEFAULTS["batch_size"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on a GPU)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=m.positive_int, default=None)
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
         p.error("--mode expert needs --expert-name (code, math or reasoning)")

@@ -67,7 +67,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], batch_size: int
 def evaluate(model, tokenizer, task, examples, batch_size: int = 32, max_new_tokens: int | None = None,
              progress: bool = True) -> dict:
     """Generate greedily for every example and score it. Returns a summary and per-example records."""
-    max_new_tokens = max_new_tokens or task.max_new_tokens
+    max_new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     prompts_text = [tokenizer.render_chat(task.messages(e)) for e in examples]
     prompts = [tokenizer.encode(p) for p in prompts_text]
     start = time.perf_counter()
@@ -101,14 +101,15 @@ def main():
                         help="--task cls: strict, a boxed label only (the paper's rule); lenient, else the first label "
                              "word. Default: the rule an --expert classifier was trained with, else lenient")
     parser.add_argument("--split", default=DEFAULTS["split"])
-    parser.add_argument("--limit", type=int, default=DEFAULTS["limit"])
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    parser.add_argument("--limit", type=m.positive_int, default=DEFAULTS["limit"], help="first N examples (default: all)")
+    parser.add_argument("--batch-size", type=m.positive_int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--max-new-tokens", type=m.positive_int, default=DEFAULTS["max_new_tokens"],
+                        help="reply budget (default: the task's own)")
     parser.add_argument("--out", default=DEFAULTS["out"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the decode step (auto: on a GPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: free cores)")
+    parser.add_argument("--threads", type=m.positive_int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")

@@ -801,13 +801,18 @@ def main():
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--system", default=None, help="system message (default: the chat template's own)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: 0 < top-p <= 1 (1 keeps every token)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: free cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
+    # "nan" and "inf" parse as floats; a NaN fails every comparison, so these are written to be false for it.
+    if not (0 <= args.temperature < math.inf):
+        parser.error(f"--temperature {args.temperature} is not a finite number >= 0 (0 is greedy)")
+    if not (0 < args.top_p <= 1):
+        parser.error(f"--top-p {args.top_p} is outside (0, 1]")
     threads = set_threads(args.threads)
     print(f"[model] {args.model}, threads {threads}", file=sys.stderr)
 
