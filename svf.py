@@ -127,7 +127,9 @@ class SVFLinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         weight = materialize(self.U, self.S, self.Vh, self.z.detach(), self.param, self.base.weight.dtype)
-        self.merged_weight = m.wide_column_major(weight)  # the layout model.load gives projections
+        # Row-major like nn.Linear's weight: oneDNN's AMX bf16 kernel crashes (SIGFPE) on column-major
+        # weights of some shapes, e.g. 32x49152 @ 49152x576.
+        self.merged_weight = weight.contiguous()
         self.mode = "merged"
 
     def unmerge(self):
@@ -380,6 +382,13 @@ def read_adapter_file(path, fmt: str, kind: str, what: str, train_command: str) 
     if meta.get("format") != fmt:
         hint = {EXPERT_FORMAT: " (an SVF expert: give it as --expert)"}.get(meta.get("format"), "")
         raise ValueError(f"{path} is not {what} (metadata format {meta.get('format')!r}, expected {fmt!r}){hint}")
+    # A NaN in a z or a LoRA factor spreads to every weight it touches; the model then answers only end-of-text.
+    bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        first = tensors[bad[0]]
+        raise ValueError(f"{path}: {bad[0]} is not finite (NaN or inf in {(~torch.isfinite(first)).sum()} of its "
+                         f"{first.numel()} values; {len(bad)} of the file's {len(tensors)} tensors hold some). The training "
+                         f"that wrote it diverged or the file is damaged: train it again ({train_command})")
     return tensors, meta
 
 

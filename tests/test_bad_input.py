@@ -4,10 +4,16 @@ values out of range, adapter files holding NaN or inf, and damaged model and dat
 import sys
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import adapt
 import evaluate
+import lora
 import model as m
+import svf
+from conftest import evaluate_main_inputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,3 +80,45 @@ def test_out_of_range_flag_is_an_argparse_error(monkeypatch, capsys, script, bas
 def test_smallest_allowed_values_reach_the_model(monkeypatch, script, argv):
     with pytest.raises(ModelLoaded):
         run_main(monkeypatch, script, argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter files: a z (or LoRA factor) with NaN or inf is refused on load, naming the file and the tensor
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_expert_with_non_finite_z_is_refused(tmp_path, bad):
+    path = tmp_path / "expert.safetensors"
+    z = {name: torch.ones(8) for name in ("layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.1.mlp.down_proj")}
+    z["layers.0.mlp.up_proj"][3] = bad
+    z["layers.1.mlp.down_proj"][:] = bad
+    save_file(z, path, metadata={"format": svf.EXPERT_FORMAT, "param": "mask", "targets": "mlp"})
+    with pytest.raises(ValueError, match="not finite") as refused:
+        svf.read_expert(path)
+    message = str(refused.value)
+    assert str(path) in message and "layers.0.mlp.up_proj" in message and "down_proj" not in message
+
+
+def test_evaluate_refuses_an_expert_full_of_nan(tiny_llama, tmp_path, monkeypatch):
+    """The whole path a user takes: evaluate.py --expert with a NaN file stops instead of scoring end-of-text replies."""
+    path = tmp_path / "expert.safetensors"
+    svf.SVF(m.load(tiny_llama, device="cpu")[0], targets="mlp", param="mask", cache=False,
+            progress=False).save_expert(path, task="gsm8k")
+    with safe_open(str(path), framework="pt") as f:
+        meta, z = f.metadata(), {k: torch.full_like(f.get_tensor(k), float("nan")) for k in f.keys()}
+    save_file(z, path, metadata=meta)
+    with pytest.raises(ValueError, match="not finite"):
+        evaluate_main_inputs(monkeypatch, ["--task", "gsm8k", "--limit", "1", "--model", str(tiny_llama),
+                                           "--expert", str(path), "--threads", "1"])
+
+
+def test_lora_file_with_nan_is_refused(tiny_llama, tmp_path):
+    model, _ = m.load(tiny_llama, device="cpu")
+    state = lora.LoRA(model, rank=4, alpha=8, dropout=0.0).state()
+    state["layers.1.attn.q_proj.B"][0, 0] = float("nan")
+    path = tmp_path / "lora.safetensors"
+    save_file(state, path, metadata={"format": lora.FORMAT, "rank": "4", "alpha": "8"})
+    fresh, _ = m.load(tiny_llama, device="cpu")
+    with pytest.raises(ValueError, match="not finite") as refused:
+        lora.apply(fresh, path)
+    assert str(path) in str(refused.value) and "layers.1.attn.q_proj.B" in str(refused.value)
