@@ -754,10 +754,12 @@ def free_cores(sample_seconds: float = 0.2) -> int:
 def atomic_path(path):
     """Yield a temporary path beside `path` to write to; rename it over `path` when the block ends without
     an error, so an interrupted write never leaves a half-written file under the real name. The file
-    gets the permissions open() would give it (safetensors writes its files private, 0600)."""
+    gets the permissions open() would give it (safetensors writes its files private, 0600). The temporary
+    name is unique (process id and random bits), so two writers of one path never share it: each renames
+    its own complete file, and the last rename wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
     try:
         yield tmp
         umask = os.umask(0)

@@ -1,0 +1,75 @@
+"""train.py runs that are safe to resume and cannot be lost or misreported: checkpoints load without
+running code from the file, --resume refuses another run's checkpoint, a fresh run never overwrites an
+old one unless told to, the Ctrl-C message says what is on disk, metrics.jsonl holds each step once,
+concurrent writes of one file both succeed, and bad flags stop at argparse."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+import model as m
+import reinforce
+import tasks
+import train
+from test_reinforce import EvenFirstToken
+
+FLAGS = ["--task", "cls", "--preset", "cpu", "--batch-size", "4", "--micro-batch", "4", "--gen-batch", "4",
+         "--eval-every", "2", "--eval-limit", "4", "--test-limit", "4", "--max-new-tokens", "2", "--temperature", "1.0",
+         "--lr", "0.05", "--targets", "attn", "--autocast", "none", "--threads", "1"]
+
+
+@pytest.fixture
+def run(tiny_llama, monkeypatch):
+    """train.main on the synthetic task of test_reinforce.py with a tiny random model."""
+    _, tokenizer = m.load(tiny_llama, device="cpu")
+    monkeypatch.setattr(tasks, "get", lambda name, **kw: EvenFirstToken(tokenizer))
+
+    def run(out, *extra):
+        return train.main([*FLAGS, "--model", str(tiny_llama), "--out", str(out), *extra])
+    return run
+
+
+def records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def interrupt(monkeypatch, module, name, on_call):
+    """Replace module.name by a function that raises KeyboardInterrupt on its on_call-th call (Ctrl-C)."""
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+# ---- atomic writes from two writers at once
+
+
+def test_two_writers_of_one_path_both_succeed(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    both_written = threading.Barrier(2, timeout=10)
+    errors = []
+
+    def write(content):
+        try:
+            with m.atomic_path(path) as tmp:
+                tmp.write_bytes(content)
+                both_written.wait()  # neither renames before both have written
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    contents = [b"a" * 100_000, b"b" * 50_000]
+    threads = [threading.Thread(target=write, args=(c,)) for c in contents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert path.read_bytes() in contents
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
