@@ -21,6 +21,7 @@ Process 0 alone prints, logs and writes files.
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -60,32 +61,52 @@ TRAINABLE_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")
 VALID_SPLIT = "valid"
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate, a clip norm, a number of epochs)."""
+    return _finite_float(text, above_zero=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a KL weight, a temperature)."""
+    return _finite_float(text, above_zero=False)
+
+
+def _finite_float(text: str, above_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give a finite number {'>' if above_zero else '>='} 0")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TRAINABLE_TASKS)
     p.add_argument("--model", default=m.DEFAULT_MODEL)
     p.add_argument("--targets", choices=sorted(svf_lib.TARGETS))
     p.add_argument("--param", choices=svf_lib.PARAMETRIZATIONS, help="scale: the paper's formula; mask: the reference code's")
-    p.add_argument("--kl", type=float, help="λ, weight of KL(π_W' || π_W)")
+    p.add_argument("--kl", type=non_negative_float, help="λ, weight of KL(π_W' || π_W)")
     p.add_argument("--baseline", choices=("mean", "none"), help="advantage r - mean(r), or r (the paper's exact setting)")
-    p.add_argument("--batch-size", type=int, help="prompts per update (the paper: 256)")
-    p.add_argument("--micro-batch", type=int, help="prompts per forward+backward (gradient accumulation)")
-    p.add_argument("--gen-batch", type=int, help="prompts per generation batch")
-    p.add_argument("--steps", type=int, help="updates (default: --epochs over the train split)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--clip", type=float, help="max gradient norm")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float, default=0.0, help="rollout sampling; 0 is greedy, as the reference code")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-limit", type=int, help="validation examples per evaluation (default: all)")
-    p.add_argument("--test-limit", type=int, help="test examples in the final evaluation (default: all)")
+    p.add_argument("--batch-size", type=m.positive_int, help="prompts per update (the paper: 256)")
+    p.add_argument("--micro-batch", type=m.positive_int, help="prompts per forward+backward (gradient accumulation)")
+    p.add_argument("--gen-batch", type=m.positive_int, help="prompts per generation batch")
+    p.add_argument("--steps", type=m.positive_int, help="updates (default: --epochs over the train split)")
+    p.add_argument("--epochs", type=positive_float)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--clip", type=positive_float, help="max gradient norm")
+    p.add_argument("--max-new-tokens", type=m.positive_int)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="rollout sampling; 0 is greedy, as the reference code")
+    p.add_argument("--eval-every", type=m.positive_int)
+    p.add_argument("--eval-limit", type=m.positive_int, help="validation examples per evaluation (default: all)")
+    p.add_argument("--test-limit", type=m.positive_int, help="test examples in the final evaluation (default: all)")
     p.add_argument("--autocast", choices=("bf16", "none"), help="bf16 autocast for forward+backward")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=m.non_negative_int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<task>-<param>-<targets>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=m.positive_int, default=None)
     p.add_argument("--method", choices=("svf", "lora"), default="svf", help="what is trained: SVF z vectors or LoRA (q, v)")
     p.add_argument("--objective", choices=("rl", "nexttoken"), default="rl",
                    help="REINFORCE on the task's reward, or supervised next-token loss on reference replies")
@@ -100,6 +121,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.label_rule and args.task != "cls":
         p.error("--label-rule is for --task cls (the classification expert)")
+    if args.micro_batch and args.batch_size and args.micro_batch > args.batch_size:
+        p.error(f"--micro-batch {args.micro_batch} is larger than --batch-size {args.batch_size}: a micro-batch is "
+                f"a slice of one update's batch; give --micro-batch {args.batch_size} or less")
     return args
 
 
@@ -126,6 +150,9 @@ def resolve_config(args) -> dict:
     config["device"] = str(device)
     config["compile"] = m.compile_wanted(args.compile, device)
     config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
+    # A preset's micro-batch can exceed a smaller --batch-size; the batch then goes in one pass, the same
+    # update, and the config says so.
+    config["micro_batch"] = min(config["micro_batch"], config["batch_size"])
     if args.task == "cls":
         config["label_rule"] = args.label_rule or "lenient"
     adapter = f"{config['param']}-{config['targets']}" if config["method"] == "svf" else "lora"

@@ -73,3 +73,37 @@ def test_two_writers_of_one_path_both_succeed(tmp_path):
     assert not errors, errors
     assert path.read_bytes() in contents
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
+
+
+# ---- flags are checked by argparse before anything loads
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+    (["--micro-batch", "0"], "--micro-batch"), (["--gen-batch", "0"], "--gen-batch"),
+    (["--eval-every", "0"], "--eval-every"), (["--eval-limit", "0"], "--eval-limit"),
+    (["--test-limit", "0"], "--test-limit"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--threads", "0"], "--threads"), (["--seed", "-1"], "--seed"),
+    (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--lr", "x"], "--lr"), (["--epochs", "0"], "--epochs"), (["--epochs", "nan"], "--epochs"),
+    (["--clip", "0"], "--clip"), (["--clip", "inf"], "--clip"), (["--kl", "-0.1"], "--kl"), (["--kl", "nan"], "--kl"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "inf"], "--temperature"),
+    (["--batch-size", "4", "--micro-batch", "8"], "--micro-batch"),
+])
+def test_bad_flags_stop_at_argparse(tmp_path, monkeypatch, capsys, flags, named):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(m, "load", no_model)
+    monkeypatch.setattr(tasks, "get", no_model)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--task", "cls", "--out", str(tmp_path / "run"), *flags])
+    assert stop.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_boundary_values_are_accepted():
+    args = train.parse_args(["--task", "cls", "--kl", "0", "--temperature", "0", "--lr", "1e-9", "--steps", "1",
+                             "--batch-size", "4", "--micro-batch", "4", "--seed", "0"])
+    assert (args.kl, args.temperature, args.steps, args.micro_batch) == (0.0, 0.0, 1, 4)
