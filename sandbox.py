@@ -1,12 +1,19 @@
-"""Run untrusted, model-written Python (MBPP/HumanEval solutions with their asserts) and report
-whether it exits 0.
+"""Run untrusted, model-written Python in isolation: a program (it passes iff it exits 0), or a
+solution with its tests (it passes iff judge.py says every test ran and none failed).
 
-Threat model. The programs come from a small language model that is not trying to attack us but
-will, sooner or later, write an infinite loop, allocate 20 GB, fork without end, print gigabytes,
-overwrite or delete files, start a daemon, or open a connection. Such a bug must cost at most
-`timeout` seconds and a bounded share of the machine, leave nothing running or written behind, and
-never touch the caller's process or files. This is not a defence against a deliberate attacker
-with a kernel exploit; for that, run the whole evaluation in a VM or gVisor.
+    outcome = sandbox.run("print(1)\n", timeout=5)                           # exit status 0?
+    outcome = sandbox.run(sandbox.Tests(solution, tests, solution_names=("add",)), timeout=5)
+    outcomes = sandbox.run_many([...], timeout=5)                            # in parallel, in order
+
+Threat model. The programs come from a model that is being optimised, by RL, for passing tests. It
+is not trying to attack the machine, but it will, sooner or later, write an infinite loop, allocate
+20 GB, fork without end, print gigabytes, overwrite or delete files, start a daemon, open a
+connection, or find a shortcut that passes without solving anything. Such a program must cost at
+most `timeout` seconds and a bounded share of the machine, leave nothing running or written behind,
+never touch the caller's process or files, and never pass by a shortcut. How a pass is decided so
+that exiting early, hooking exceptions, tracing or threads cannot forge it is judge.py's docstring.
+This is not a defence against a deliberate attacker with a kernel exploit; for that, run the whole
+evaluation in a VM or gVisor.
 
 Layers of defence, each with the failure it stops:
 
@@ -19,30 +26,38 @@ Layers of defence, each with the failure it stops:
  2. A wall-clock timeout. The sandbox starts in a session of its own; on timeout its whole process
     group gets SIGKILL, and then every process of the sandbox's uid (layer 4), which catches
     children that escaped the group with setsid().
- 3. Resource limits (setrlimit, per process, inherited by children): CPU seconds (a backstop if
-    the caller dies), address space MEMORY_LIMIT (a MemoryError instead of swapping the machine
-    to death), file size FILE_SIZE_LIMIT, MAX_PROCESSES processes (fork bombs), no core dumps.
-    These limits are per process, so a fork bomb of big processes can still ask for
-    MAX_PROCESSES x MEMORY_LIMIT in total; oom_score_adj=1000 makes the kernel's OOM killer pick
-    sandbox processes before anything else. Only a memory cgroup would cap the total; we do not
-    create cgroups, because that needs a delegated hierarchy that differs between cgroup v1 and
-    v2 and, on these machines, belongs to the VM's manager.
- 4. A uid of its own (when the caller is root). Root ignores RLIMIT_NPROC and may write anywhere,
+ 3. Nothing outlives the caller. The sandbox is started under `setpriv --pdeathsig KILL`, so it
+    gets SIGKILL when the caller dies (even by kill -9); `unshare --kill-child` passes that on to
+    the program, and the launcher sets it again after changing uid, which clears it. Ctrl-C in
+    run_many kills every running sandbox at once, starts no new one, and removes their folders
+    before KeyboardInterrupt reaches the caller.
+ 4. Resource limits (setrlimit, per process, inherited by children): CPU seconds (a backstop),
+    address space MEMORY_LIMIT (a MemoryError instead of swapping the machine to death), file size
+    FILE_SIZE_LIMIT, MAX_PROCESSES processes (fork bombs), no core dumps. These limits are per
+    process, so a fork bomb of big processes can still ask for MAX_PROCESSES x MEMORY_LIMIT in
+    total; oom_score_adj=1000 makes the kernel's OOM killer pick sandbox processes before anything
+    else. Only a memory cgroup would cap the total; we do not create cgroups, because that needs a
+    delegated hierarchy that differs between cgroup v1 and v2 and, on these machines, belongs to
+    the VM's manager.
+ 5. A uid of its own (when the caller is root). Root ignores RLIMIT_NPROC and may write anywhere,
     so the program runs under a fresh, unused uid from SANDBOX_UIDS. Not 'nobody': a uid shared by
     parallel sandboxes (and by system daemons) would share one process count, so one fork bomb
     would make its neighbours fail, and "kill every process of this uid" would hit them too.
     no_new_privs and an empty capability bounding set mean no setuid binary can give privileges
     back.
- 5. Namespaces, made by util-linux `unshare` (Python 3.11 has no os.unshare):
+ 6. Namespaces, made by util-linux `unshare` (Python 3.11 has no os.unshare):
     - network: a new, empty network namespace (only a loopback that is down), so nothing can
-      connect anywhere, not even to 127.0.0.1;
+      connect anywhere, not even to 127.0.0.1 or to an abstract Unix socket;
     - PID: the program is PID 1 of its own namespace, and when it exits the kernel kills
-      everything it started, daemons included;
-    - mount: every existing mount becomes read-only (mount_setattr, Linux >= 5.12) and a private,
-      size-limited tmpfs on /tmp is the program's working directory and HOME; it vanishes with the
-      namespace. If Python is installed under a directory the sandbox uid may not enter (e.g.
-      /root/.pyenv under /root, mode 700), that directory is covered by an empty tmpfs and only the
-      installation is bind-mounted back, which also hides the rest of it from the program.
+      everything it started, daemons included; other processes are invisible in /proc;
+    - IPC: System V shared memory, message queues and semaphores (and POSIX message queues) made
+      inside are the namespace's own and vanish with it;
+    - mount: the program sees a root of its own, a tmpfs holding read-only bind mounts of the
+      system directories (/usr, /etc and the /bin, /lib links), the Python installation, /proc of
+      its PID namespace, four devices (null, zero, random, urandom) and a private, size-limited
+      tmpfs on /tmp that is its working directory and HOME and vanishes with the namespace.
+      Everything else on the host (the project folder and its datasets, /root, /home, /run and
+      /var, so every Unix socket on the host's filesystem) is not in that root at all.
     As root, unshare makes the namespaces directly; otherwise `unshare --map-root-user` makes them
     inside a user namespace (no uid of its own then: it runs as the caller, without capabilities).
 
@@ -50,24 +65,23 @@ Fallbacks, when `unshare` is missing or does not work here (probed once, with a 
  - no network namespace: a prelude replaces socket.socket and friends with functions that raise.
    This stops accidents, not a program that uses ctypes or runs curl;
  - no PID namespace: daemons are still killed by uid when the caller is root; for a non-root
-   caller a setsid() daemon survives;
+   caller a setsid() daemon survives, and so does everything after the caller dies;
+ - no IPC namespace: System V objects made inside stay on the host;
  - no mount namespace: the working directory is a host temporary directory (deleted afterwards),
-   and the program can write wherever its uid can: as the sandbox uid, world-writable places such
-   as /tmp; as a non-root caller, all of the caller's files. Root without namespaces also needs a
-   Python installation the sandbox uid can reach; when it cannot, every run is an "error".
+   and the program can read whatever its uid can (the datasets included) and write wherever its
+   uid can: as the sandbox uid, world-writable places such as /tmp; as a non-root caller, all of
+   the caller's files. Root without namespaces also needs a Python installation the sandbox uid
+   can reach; when it cannot, every run is an "error".
 
-A program passes iff it exits 0 within the limits. The sandbox sees only the exit status, so a
-program that calls sys.exit(0) or os._exit(0) before its asserts run passes; callers put the asserts
-after the solution, so only a solution that exits while being defined gets through, and a caller
-that must rule that out can have the program print a marker after the asserts and check for it.
 Exit status 125 is reserved for "the sandbox could not start the program" (status "error").
 Under a PID namespace the program is PID 1, so a signal it sends itself without installing a
-handler is ignored (os.kill(os.getpid(), SIGTERM) does not stop it; its asserts still decide);
-crashes and the limits' signals still end it.
+handler is ignored (os.kill(os.getpid(), SIGTERM) does not stop it); crashes and the limits'
+signals still end it.
 """
 
 import ctypes
 import functools
+import json
 import math
 import os
 import random
@@ -99,106 +113,198 @@ LAUNCH_FAILED = 125               # exit status of the launcher when it cannot s
 
 ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
 SANDBOX_FILE = os.path.abspath(__file__)
+JUDGE_FILE = os.path.join(os.path.dirname(SANDBOX_FILE), "judge.py")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    passed: bool  # exit status 0 within the limits
+    passed: bool  # a program: exit status 0 within the limits; Tests: judge.py's verdict
     status: str   # "passed" | "failed" | "timeout" | "error" (the sandbox could not start it)
     detail: str   # tail of stderr (at most DETAIL_CHARS), for debugging
+
+
+@dataclass(frozen=True)
+class Tests:
+    """A solution and the tests that decide it, for judge.py: the tests (and the prelude, trusted
+    code they rely on, such as HumanEval's helper functions) run in the judge's process, the
+    solution in another one; `solution_names` are the names the tests must take from the solution
+    even where a builtin has the same name."""
+    solution: str
+    tests: str
+    prelude: str = ""
+    solution_names: tuple[str, ...] = ()
 
 
 # -----------------------------------------------------------------------------
 # Caller side
 
 
-def run(program: str, timeout: float = 10.0) -> Outcome:
-    """Run `program` in a fresh sandbox; it passes iff it exits 0 within `timeout` seconds."""
+def run(job: "str | Tests", timeout: float = 10.0, _stop: "threading.Event | None" = None) -> Outcome:
+    """Run a program (str: passes iff it exits 0) or Tests (passes iff the judge says so) in a fresh
+    sandbox, for at most `timeout` seconds."""
     unshare = _unshare_command()
     uid = _claim_uid() if os.geteuid() == 0 else None
     workdir = tempfile.mkdtemp(prefix="sandbox-")
     try:
-        return _run_in(workdir, program, timeout, unshare, uid)
+        return _run_in(workdir, job, timeout, unshare, uid, _stop)
     finally:
         if uid is not None:
             _release_uid(uid)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_many(programs: list[str], timeout: float = 10.0, workers: int | None = None,
+def run_many(jobs: "list[str | Tests]", timeout: float = 10.0, workers: int | None = None,
              progress: bool = False) -> list[Outcome]:
-    """run() each program, `workers` at a time (default: one per core); outcomes in input order."""
-    outcomes: list[Outcome | None] = [None] * len(programs)
+    """run() each job, `workers` at a time (default: one per core); outcomes in input order.
+    Ctrl-C (or any exception here) kills the running sandboxes and starts no more."""
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    stop = threading.Event()
     # Threads are enough: each one only waits on its subprocess.
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        futures = {pool.submit(run, program, timeout): i for i, program in enumerate(programs)}
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        futures = {pool.submit(run, job, timeout, stop): i for i, job in enumerate(jobs)}
         finished = as_completed(futures)
         if progress:
             from tqdm import tqdm
             finished = tqdm(finished, total=len(futures), desc="sandbox")
         for future in finished:
             outcomes[futures[future]] = future.result()
+    except BaseException:
+        # A second Ctrl-C must not cut the clean-up short; it takes well under a second.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            _stop_all(stop)
+            pool.shutdown(wait=True, cancel_futures=True)  # each worker removes its own folder
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+        raise
+    pool.shutdown(wait=True)
     return outcomes
 
 
-def _run_in(workdir: str, program: str, timeout: float, unshare: list[str] | None,
-            uid: int | None) -> Outcome:
-    program_path = os.path.join(workdir, "program.py")
-    with open(program_path, "w") as f:
-        f.write(program)
-    if unshare is None:
-        # No private /tmp: the program works in workdir/work, which the sandbox uid must reach.
-        os.mkdir(os.path.join(workdir, "work"))
-        if uid is not None:
-            os.chmod(workdir, 0o711)
-            os.chmod(program_path, 0o644)
-            os.chown(os.path.join(workdir, "work"), uid, uid)
+# The sandboxes running now, by the Event that stops their run_many, so Ctrl-C can kill them.
+_running: dict[subprocess.Popen, "threading.Event | None"] = {}
+_running_lock = threading.Lock()
+
+
+def _stop_all(stop: threading.Event) -> None:
+    with _running_lock:
+        stop.set()  # under the lock: no sandbox can start after this
+        for process, its_stop in _running.items():
+            if its_stop is stop:
+                _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the group id is the pid: start_new_session
+    except ProcessLookupError:
+        pass
+
+
+def _run_in(workdir: str, job: "str | Tests", timeout: float, unshare: list[str] | None,
+            uid: int | None, stop: "threading.Event | None") -> Outcome:
+    # The program's files go in workdir/files; with namespaces the launcher copies them into the
+    # private /tmp, without, that folder is the working directory.
+    files_dir = os.path.join(workdir, "files")
+    os.mkdir(files_dir)
+    python = [PROGRAM_PYTHON, "-s", "-P"] + ([] if unshare else ["-c", NETWORK_GUARD])
+    verdict_read = verdict_write = None
+    if isinstance(job, Tests):
+        with open(JUDGE_FILE) as f:
+            files = {"judge.py": f.read(), "solution.py": job.solution, "tests.py": job.tests,
+                     "prelude.py": job.prelude}
+        verdict_read, verdict_write = os.pipe()
+        arguments = ["judge.py", str(verdict_write), "solution.py", "tests.py", "prelude.py",
+                     json.dumps(list(job.solution_names)), "--", *python]
+    else:
+        files, arguments = {"program.py": job}, ["program.py"]
+    for name, text in files.items():
+        with open(os.path.join(files_dir, name), "w") as f:
+            f.write(text)
+    if unshare is None and uid is not None:  # the sandbox uid works in files_dir
+        os.chmod(workdir, 0o711)
+        os.chown(files_dir, uid, uid)
+        for name in files:
+            os.chmod(os.path.join(files_dir, name), 0o644)
     if uid is not None:
         max_processes = MAX_PROCESSES
     else:
         # Without a uid of its own the count may include the caller's processes (always on Linux
         # < 5.14 or without a user namespace), so the allowance comes on top of those.
         max_processes = MAX_PROCESSES + len(_pids_owned_by(os.getuid()))
-    launcher = [sys.executable, "-I", "-S", SANDBOX_FILE, "--launch", program_path,
+    launcher = [sys.executable, "-I", "-S", SANDBOX_FILE, "--launch", files_dir,
                 str(math.ceil(timeout) + 1), str(-1 if uid is None else uid), str(max_processes),
-                "namespaces" if unshare else "plain"]
-    command = [*unshare, *launcher] if unshare else launcher
+                "namespaces" if unshare else "plain", json.dumps(python + arguments)]
+    command = [*_pdeathsig_command(), *(unshare or []), *launcher]
 
     stderr_path = os.path.join(workdir, "stderr")
-    with open(stderr_path, "wb") as stderr:
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=stderr, env=ENVIRONMENT, cwd=workdir,
-                                       start_new_session=True)
-        except OSError as error:
-            return Outcome(False, "error", f"could not start the sandbox: {error}")
+    try:
+        with open(stderr_path, "wb") as stderr, _running_lock:
+            if stop is not None and stop.is_set():
+                return Outcome(False, "error", "not started: run_many was stopped")
+            try:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=stderr, env=ENVIRONMENT, cwd=workdir,
+                                           start_new_session=True,
+                                           pass_fds=() if verdict_write is None else (verdict_write,))
+            except OSError as error:
+                return Outcome(False, "error", f"could not start the sandbox: {error}")
+            _running[process] = stop
+    finally:
+        if verdict_write is not None:
+            os.close(verdict_write)  # the judge holds the only write end now
     try:
         returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         returncode = None
     finally:
         # Kill whatever is left: everything on a timeout (or Ctrl-C); after a normal exit, children
-        # still in the process group (the group id is the pid: start_new_session) and, by uid, the
-        # ones that left it with setsid(). Under a PID namespace nothing is left by then.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # still in the process group and, by uid, the ones that left it with setsid(). Under a PID
+        # namespace nothing is left by then.
+        _kill_group(process)
         if uid is not None:
             _kill_all_owned_by(uid)
         process.wait()
+        with _running_lock:
+            _running.pop(process, None)
+        verdict = b"" if verdict_read is None else _read_all(verdict_read)
+    detail = _detail(stderr_path)
     if returncode is None:
         return Outcome(False, "timeout", _detail(stderr_path, f"timed out after {timeout:g} s"))
-    if returncode == 0:
-        return Outcome(True, "passed", _detail(stderr_path))
-    detail = _detail(stderr_path)
-    if returncode == LAUNCH_FAILED or detail.startswith("unshare: "):
+    if returncode == LAUNCH_FAILED or detail.startswith("unshare: ") or detail.startswith("setpriv: "):
         return Outcome(False, "error", detail)
+    if verdict_read is not None:
+        passed = verdict == b"passed\n"
+        if not passed and not verdict:
+            detail = _detail(stderr_path, "the judge gave no verdict")
+    else:
+        passed = returncode == 0
+    if passed:
+        return Outcome(True, "passed", detail)
     if returncode < 0:
         signal_number = -returncode
         detail = _detail(stderr_path, f"killed by signal {signal_number} "
                                       f"({signal.strsignal(signal_number)})")
     return Outcome(False, "failed", detail)
+
+
+def _read_all(fd: int) -> bytes:
+    """What is in a pipe whose writers have all exited (never blocks: they are gone)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > 4096:  # a verdict is one short line
+                break
+    except BlockingIOError:  # a writer survived (it cannot, but never hang on it)
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _detail(stderr_path: str, note: str = "") -> str:
@@ -215,10 +321,23 @@ def _detail(stderr_path: str, note: str = "") -> str:
 
 
 @functools.cache
+def _pdeathsig_command() -> list[str]:
+    """`setpriv --pdeathsig KILL` where util-linux has it (2.33 and later), else nothing: then a
+    sandbox can outlive a caller killed by SIGKILL, until its CPU limit or its end."""
+    setpriv = shutil.which("setpriv")
+    if setpriv and subprocess.run([setpriv, "--pdeathsig", "KILL", "true"],
+                                  capture_output=True).returncode == 0:
+        return [setpriv, "--pdeathsig", "KILL"]
+    warnings.warn("sandbox: `setpriv --pdeathsig` is not available; a sandbox may outlive a caller "
+                  "that is killed with SIGKILL", RuntimeWarning)
+    return []
+
+
+@functools.cache
 def _unshare_command() -> list[str] | None:
     """The unshare command line that works on this machine, or None (then: fallbacks)."""
-    command = [shutil.which("unshare") or "unshare", "--net", "--pid", "--fork", "--kill-child",
-               "--mount-proc", "--propagation", "private"]
+    command = [shutil.which("unshare") or "unshare", "--net", "--pid", "--ipc", "--fork",
+               "--kill-child", "--mount-proc", "--propagation", "private"]
     if os.geteuid() != 0:
         command.insert(1, "--map-root-user")  # the same namespaces, through a user namespace
     try:
@@ -230,7 +349,7 @@ def _unshare_command() -> list[str] | None:
     except (OSError, subprocess.TimeoutExpired) as error:
         reason = str(error)
     warnings.warn(f"sandbox: `unshare` does not work here ({reason}); falling back to weaker "
-                  "guards without network/PID/mount namespaces (see sandbox.py's docstring)",
+                  "guards without network/PID/IPC/mount namespaces (see sandbox.py's docstring)",
                   RuntimeWarning)
     return None
 
@@ -290,13 +409,16 @@ def _kill_all_owned_by(uid: int) -> None:
 
 # -----------------------------------------------------------------------------
 # Sandbox side: `python -I -S sandbox.py --launch ...`, run by unshare inside the new namespaces
-# (or directly, in fallback mode). It still has the caller's privileges: it sets up the mounts and
-# limits, drops privileges, and then exec()s the program's interpreter in its own place.
+# (or directly, in fallback mode). It still has the caller's privileges: it builds the program's
+# root, sets the limits, drops privileges, and then exec()s the program's interpreter in its place.
 
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 0x2, 0x4, 0x1000, 0x4000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # 442 on every architecture
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+# What of the host the program's root holds (read-only), besides the Python installation.
+SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "random", "urandom")
 
 # Fallback network guard, run before the program when there is no network namespace.
 NETWORK_GUARD = """
@@ -331,63 +453,81 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, options: st
                          encode(options)), f"mount {target}")
 
 
-def _make_mounts_read_only() -> None:
-    # Every mount we can see, recursively; later mounts (the scratch /tmp) stay writable. This is
-    # our own mount namespace with private propagation, so the host's mounts do not change.
+def _make_read_only(path: str, binds: list[str]) -> None:
+    """Every mount under `path`, recursively (mount_setattr, Linux >= 5.12); on older kernels each
+    bind mount in `binds` is remounted read-only, without its submounts."""
     attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
-    _check(_libc().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), b"/",
-                           ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
-                           ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr /")
+    try:
+        _check(_libc().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
+                               ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
+                               ctypes.c_size_t(ctypes.sizeof(attr))), f"mount_setattr {path}")
+    except OSError:
+        for target in binds:
+            _mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, None)
 
 
-def _expose_interpreter() -> None:
-    """Let the sandbox uid reach the Python installation when it sits below a directory the uid may
-    not enter (e.g. /root): cover that directory with an empty tmpfs and bind the installation
-    back at its own path, so sys.executable, the venv and libpython's rpath keep working."""
-    closed = {}  # installation -> topmost ancestor without search permission for others
-    for prefix in {sys.base_prefix, sys.prefix}:
-        parts = prefix.strip("/").split("/")
-        ancestors = ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
-        closed_ancestor = next((a for a in ancestors if not os.stat(a).st_mode & 0o001), None)
-        if closed_ancestor:
-            closed[prefix] = closed_ancestor
-    # Keep a handle on each installation before the tmpfs hides it, then bind it from that handle.
-    handles = {prefix: os.open(prefix, os.O_PATH) for prefix in closed}
-    for directory in set(closed.values()):
-        _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for prefix, handle in handles.items():
-        os.makedirs(prefix, exist_ok=True)
-        _mount(f"/proc/self/fd/{handle}", prefix, None, MS_BIND | MS_REC, None)
-        os.close(handle)
+def _build_root(root: str, owner: int) -> None:
+    """The program's whole filesystem, at `root` (see the module docstring, layer 6)."""
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    binds = []
+
+    def bind(source: str, is_file: bool = False) -> None:
+        target = root + source
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if is_file:
+            open(target, "w").close()
+        else:
+            os.makedirs(target, exist_ok=True)
+        _mount(source, target, None, MS_BIND | MS_REC, None)
+        binds.append(target)
+
+    for path in SYSTEM_PATHS:
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(path), root + path)
+        elif os.path.isdir(path):
+            bind(path)
+    installation = os.path.dirname(os.path.dirname(PROGRAM_PYTHON))  # <prefix>/bin/python3.x
+    for prefix in {sys.base_prefix, installation}:
+        if not any(prefix == p or prefix.startswith(p + "/") for p in SYSTEM_PATHS):
+            bind(prefix)
+    os.makedirs(root + "/dev")
+    for device in DEVICES:
+        bind(f"/dev/{device}", is_file=True)
+    os.symlink("/proc/self/fd", root + "/dev/fd")
+    for number, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{number}", f"{root}/dev/{name}")
+    bind("/proc")  # the PID namespace's own, mounted by unshare --mount-proc
+    os.makedirs(root + "/tmp")
+    _make_read_only(root, binds)
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={SCRATCH_SIZE},mode=0700,uid={owner},gid={owner}")
 
 
-def _launch(program_path: str, cpu_seconds: int, uid: int | None, max_processes: int,
-            in_namespaces: bool) -> None:
+def _launch(files_dir: str, cpu_seconds: int, uid: int | None, max_processes: int,
+            in_namespaces: bool, command: list[str]) -> None:
     import resource
 
+    parent = os.getppid()
     # First, while /proc is still writable: the OOM killer takes sandbox processes first. Written
     # by real root (CAP_SYS_RESOURCE) this is also a floor the program cannot lower again.
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
     if in_namespaces:
-        with open(program_path, "rb") as f:
-            source = f.read()
-        if uid is not None:
-            _expose_interpreter()
-        try:
-            _make_mounts_read_only()
-        except OSError:
-            pass  # Linux < 5.12: only the uid (layer 4), if any, stops writes outside /tmp
+        files = {}
+        for name in os.listdir(files_dir):
+            with open(os.path.join(files_dir, name), "rb") as f:
+                files[name] = f.read()
         owner = 0 if uid is None else uid
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-               f"size={SCRATCH_SIZE},mode=0700,uid={owner},gid={owner}")
-        workdir, program_path = "/tmp", "/tmp/program.py"
-        with open(program_path, "wb") as f:
-            f.write(source)
-        command = [PROGRAM_PYTHON, "-s", "-P", program_path]
+        root = os.path.dirname(files_dir)  # the caller's workdir, covered by the new root
+        _build_root(root, owner)
+        os.chroot(root)
+        workdir = "/tmp"
+        for name, data in files.items():
+            with open(os.path.join(workdir, name), "wb") as f:
+                f.write(data)
+            os.chown(os.path.join(workdir, name), owner, owner)
     else:
-        workdir = os.path.join(os.path.dirname(program_path), "work")
-        command = [PROGRAM_PYTHON, "-s", "-P", "-c", NETWORK_GUARD, program_path]
+        workdir = files_dir
 
     for limit, value in [(resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, MEMORY_LIMIT),
                          (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT),
@@ -405,6 +545,12 @@ def _launch(program_path: str, cpu_seconds: int, uid: int | None, max_processes:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+    # Changing uid cleared the parent-death signal (unshare --kill-child's, or, without namespaces,
+    # the one that ends us with the caller): set it again, then make sure the parent did not die
+    # in between.
+    _check(_libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(LAUNCH_FAILED)
     os.chdir(workdir)
     os.environ["HOME"] = workdir
     try:
@@ -416,10 +562,10 @@ def _launch(program_path: str, cpu_seconds: int, uid: int | None, max_processes:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--launch"]:
-    program_path, cpu_seconds, uid, max_processes, mode = sys.argv[2:]
+    files_dir, cpu_seconds, uid, max_processes, mode, command = sys.argv[2:]
     try:
-        _launch(program_path, int(cpu_seconds), None if uid == "-1" else int(uid),
-                int(max_processes), mode == "namespaces")
+        _launch(files_dir, int(cpu_seconds), None if uid == "-1" else int(uid), int(max_processes),
+                mode == "namespaces", json.loads(command))
     except Exception as error:  # any failure before the exec is the sandbox's, not the program's
         print(f"sandbox: could not start the program: {error}", file=sys.stderr)
         os._exit(LAUNCH_FAILED)

@@ -44,12 +44,13 @@ Scoring. Exact; no partial credit and never a random guess. A reply we cannot re
                the letter and ".", ")" or ":" ("B. refrigerator"). A letter that is not one of the
                question's labels, or no letter -> None (wrong). Capital letters only. (A first line that
                is only the letter, "B\\n...", counts as opening with it.)
-    mbpp       the program is the code + test_setup_code + the test_list asserts, in that order (task 367's
-               setup uses a class the solution defines). It passes iff it exits 0 (sandbox.run_many) after
-               its last line: an exit guard fails a program that calls sys.exit(0) before its asserts.
-    humaneval  if the code defines `def <entry_point>`, the program is the part of the prompt before that
+    mbpp       the solution is the code + test_setup_code (task 367's setup uses a class the solution
+               defines); the tests are the test_list asserts. It passes iff judge.py, which runs the tests
+               in a process of its own, says every assert ran and none failed (sandbox.run_many).
+    humaneval  if the code defines `def <entry_point>`, the solution is the part of the prompt before that
                def (imports and helper functions) + the code; otherwise the prompt + the code (the code is
-               taken to be the function body). Then the `test` field and check(<entry_point>).
+               taken to be the function body). The tests are the `test` field and check(<entry_point>),
+               run by the judge after its own copy of the prompt's part before the def.
     code       the code is the first fenced block marked python/py or unmarked; an unclosed fence runs to
                the end of the reply; a reply with no fence is taken whole. A top-level
                `if __name__ == "__main__":` block is dropped (see solution_code).
@@ -87,8 +88,32 @@ CODE_TIMEOUT = 10.0  # seconds per generated program
 
 
 def read_jsonl_gz(path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a gzipped JSON Lines file. A damaged file is an error that names it (and the line)
+    and says how to get a good copy: ARC is built here, the other data ships with the repository."""
+    import zlib
+
+    path = Path(path)
+    if path.parent.name.startswith("arc_"):
+        advice = "rebuild it with:  python tasks.py build-arc"
+    elif path.resolve().is_relative_to(DATA_DIR):
+        advice = f"restore the shipped copy with:  git checkout -- {path.resolve().relative_to(DATA_DIR.parent)}"
+    else:
+        advice = "replace it with a good copy"
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read to its end ({error}): the file is truncated or damaged; {advice}") from error
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):  # "\n" only, as iterating over the file splits
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg}): the file is "
+                             f"damaged; {advice}") from error
+    return rows
 
 
 def seeded_split(rows, sizes, seed=SEED):
@@ -557,43 +582,33 @@ def deterministic_gzip(raw: bytes) -> bytes:
 
 # ------------------------------------------------------------------------------------------ code: MBPP, HumanEval
 
-# A program passes iff it exits 0, so a solution that calls sys.exit(0) (or exit(), or raises SystemExit)
-# before the asserts run would pass. The guard turns any exit before the last line into exit status 1.
-# (os._exit(0) still gets past it; the sandbox's limits are the real isolation.)
-EXIT_GUARD_HEAD = """\
-import atexit as _atexit, os as _os, sys as _sys
-_ALL_TESTS_RAN = False
-def _exit_guard():
-    if not _ALL_TESTS_RAN:
-        _sys.stdout.flush()
-        _os._exit(1)
-_atexit.register(_exit_guard)
-"""
-EXIT_GUARD_TAIL = "\n_ALL_TESTS_RAN = True\n"
-
-
 class CodeTask(Task):
+    """Scored by running the tests against the solution with judge.py (through sandbox.py): the tests
+    run in a process of their own, so a solution that exits early, hooks exceptions, traces the
+    test code or returns an object equal to everything does not pass (judge.py's docstring)."""
     timeout = CODE_TIMEOUT
     max_new_tokens = 384
 
     def extract(self, example, completion):
         return solution_code(completion)
 
-    def solution_and_tests(self, example, completion) -> str:
+    def tests(self, example, completion):
+        """The sandbox.Tests that decide this reply."""
         raise NotImplementedError
 
-    def program(self, example, completion) -> str:
-        """The program that runs: the solution and its tests between the exit guard's two halves."""
-        body = self.solution_and_tests(example, completion)
-        future = re.compile(r"^from __future__ import .*\n", re.MULTILINE)  # must stay the first statement
-        return "".join(future.findall(body)) + EXIT_GUARD_HEAD + future.sub("", body) + EXIT_GUARD_TAIL
+    @staticmethod
+    def future_first(source: str) -> str:
+        """`source` with its `from __future__` imports moved to the top, where Python requires them
+        (the solution is put together from several pieces)."""
+        future = re.compile(r"^from __future__ import .*\n", re.MULTILINE)
+        return "".join(future.findall(source)) + future.sub("", source)
 
     def execute(self, examples, completions, progress=False):
-        """Run every program in the sandbox; returns sandbox.Outcome (passed, status, detail) per example."""
+        """Run every reply's tests in the sandbox; returns sandbox.Outcome (passed, status, detail) per example."""
         import sandbox  # only the code tasks need it
         assert len(examples) == len(completions), (len(examples), len(completions))
-        programs = [self.program(e, c) for e, c in zip(examples, completions)]
-        return sandbox.run_many(programs, timeout=self.timeout, progress=progress)
+        jobs = [self.tests(e, c) for e, c in zip(examples, completions)]
+        return sandbox.run_many(jobs, timeout=self.timeout, progress=progress)
 
     def score_many(self, examples, completions, progress=False):
         return [outcome.passed for outcome in self.execute(examples, completions, progress)]
@@ -619,9 +634,15 @@ class MBPP(CodeTask):
     def prompt(self, example):
         return f"{self.question(example)}\n\nWrite the Python function in a ```python code block."
 
-    def solution_and_tests(self, example, completion):
+    def tests(self, example, completion):
+        import sandbox
+        # The setup code builds the tests' inputs, with a class the solution defines (task 367), so it
+        # runs after the solution, in its process. The function the tests call may have a builtin's
+        # name (task 126 is `sum`): the reference code's top-level names are the solution's.
         code = solution_code(completion) or ""
-        return "\n".join([code, example["test_setup_code"], *example["test_list"]]) + "\n"
+        names = re.findall(r"^(?:def|class)\s+(\w+)", example["code"], re.MULTILINE)
+        return sandbox.Tests(solution=self.future_first(f"{code}\n{example['test_setup_code']}\n"),
+                             tests="\n".join(example["test_list"]) + "\n", solution_names=tuple(names))
 
     def reference(self, example):
         return "```python\n" + example["code"].replace("\r\n", "\n").strip() + "\n```"
@@ -642,16 +663,20 @@ class HumanEval(CodeTask):
                 f"```python\n{example['prompt'].rstrip()}\n```\n\n"
                 "Write the complete function in a ```python code block.")
 
-    def solution_and_tests(self, example, completion):
+    def tests(self, example, completion):
+        import sandbox
         code = solution_code(completion) or ""
         entry_point = example["entry_point"]
+        # What the prompt defines before the entry point (imports, helper functions such as
+        # HumanEval/32's `poly`, which its test calls) is trusted: the judge runs its own copy, so a
+        # solution that redefines a helper changes only its own.
+        head = example["prompt"][:example["prompt"].index(f"def {entry_point}")]
         if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
-            # a whole function: keep what the prompt defines before it (imports, helper functions)
-            head = example["prompt"][:example["prompt"].index(f"def {entry_point}")]
-            program = head + code
-        else:  # a body continuing the prompt
-            program = example["prompt"] + code
-        return f"{program}\n\n{example['test']}\n\ncheck({entry_point})\n"
+            solution = head + code  # a whole function
+        else:
+            solution = example["prompt"] + code  # a body continuing the prompt
+        return sandbox.Tests(solution=self.future_first(solution + "\n"), prelude=head,
+                             tests=f"{example['test']}\n\ncheck({entry_point})\n", solution_names=(entry_point,))
 
 
 # ------------------------------------------------------------------------------------------ classification (z^c)

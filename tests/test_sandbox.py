@@ -3,7 +3,10 @@ outside its directory, network access, floods of output, daemons. Every case run
 timeout; the file takes a few seconds."""
 
 import os
+import random
 import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -231,3 +234,178 @@ def test_run_many_keeps_order_and_runs_in_parallel():
     assert [o.detail.strip() for o in outcomes] == ["0", "1", "2", "3"]
     assert [o.passed for o in outcomes] == [True, False, True, False]
     assert sandbox.run_many([], timeout=5) == []
+
+
+# -----------------------------------------------------------------------------------------------
+# Nothing outlives the caller, and Ctrl-C stops everything at once
+
+CALLER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import sandbox
+{body}
+"""
+
+
+def hidden(text: str) -> str:
+    """An expression for `text` that does not contain it, so a token in the program appears in the
+    program's command line and not in its caller's."""
+    return f"bytes.fromhex({text.encode().hex()!r}).decode()"
+
+
+def start_caller(body: str, **popen) -> subprocess.Popen:
+    """A Python process that uses the sandbox the way train.py or evaluate.py would."""
+    return subprocess.Popen([sys.executable, "-c", CALLER.format(repo=str(REPO), body=body)], **popen)
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return result
+
+
+def children_of(pid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("victim", ["caller", "unshare"])
+def test_program_dies_with_its_caller(victim):
+    # A sleeping program never reaches its CPU limit: only the parent-death signal can end it.
+    token = f"orphan-{uuid.uuid4().hex}"
+    caller = start_caller(f"sandbox.run({hidden(tagged('import time; time.sleep(300)', token))}, timeout=60)")
+    try:
+        wait_for(lambda: processes_with(token), 10, "the program did not start")
+        if victim == "caller":
+            os.kill(caller.pid, 9)
+        else:  # the first child of the caller is setpriv, which became unshare by exec
+            wrapper = wait_for(lambda: children_of(caller.pid), 5, "no sandbox process")
+            os.kill(wrapper[0], 9)
+        wait_for(lambda: not processes_with(token), 5, f"the program outlived kill -9 of the {victim}")
+    finally:
+        caller.kill()
+        caller.wait()
+        for pid in processes_with(token):
+            os.kill(pid, 9)
+
+
+def test_ctrl_c_in_run_many_stops_at_once_and_leaves_nothing(tmp_path):
+    token = f"interrupted-{uuid.uuid4().hex}"
+    body = (f"programs = [{hidden(tagged('import time; time.sleep(8)', token))}] * 8\n"
+            "try:\n    sandbox.run_many(programs, timeout=30, workers=2)\n"
+            "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
+    caller = start_caller(body, env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                          text=True)
+    try:
+        wait_for(lambda: len(processes_with(token)) >= 2, 10, "the programs did not start")
+        start = time.monotonic()
+        for _ in range(3):  # impatient: three Ctrl-C in a row
+            os.kill(caller.pid, signal.SIGINT)
+            time.sleep(0.05)
+        out, _ = caller.communicate(timeout=10)
+        assert time.monotonic() - start < 3, "Ctrl-C waited for the queued programs"
+        assert out.strip() == "interrupted"
+        assert processes_with(token) == []
+        assert list(tmp_path.iterdir()) == []  # no sandbox-* folders left
+    finally:
+        caller.kill()
+        for pid in processes_with(token):
+            os.kill(pid, 9)
+
+
+# -----------------------------------------------------------------------------------------------
+# What the program can see of the host
+
+def sysv_ipc_program(key: int) -> str:
+    return f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+IPC_CREAT = 0o1000
+assert libc.shmget({key}, 1 << 20, IPC_CREAT | 0o600) >= 0, ctypes.get_errno()
+assert libc.msgget({key}, IPC_CREAT | 0o600) >= 0, ctypes.get_errno()
+assert libc.semget({key}, 1, IPC_CREAT | 0o600) >= 0, ctypes.get_errno()
+"""
+
+
+def test_system_v_ipc_objects_do_not_survive_the_run():
+    key = random.Random().randrange(1 << 20, 1 << 30)
+    outcome = sandbox.run(sysv_ipc_program(key), timeout=5)
+    assert outcome.passed, outcome.detail  # it could make them, in a namespace of its own
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            keys = {int(line.split()[0]) for line in f.readlines()[1:]}
+        assert key not in keys, f"a System V {kind} object made inside is still on the host"
+
+
+def test_no_unix_socket_on_the_host_filesystem_is_reachable():
+    directory = Path(tempfile.mkdtemp(dir="/var/tmp"))  # outside the private /tmp
+    path = directory / "host.sock"
+    try:
+        os.chmod(directory, 0o755)
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            os.chmod(path, 0o777)  # anyone may connect: only the sandbox can stop it
+            listener.listen()
+            program = (f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\n")
+            outcome = sandbox.run(program, timeout=5)
+            assert not outcome.passed
+            listener.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                listener.accept()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_project_and_its_data_are_invisible():
+    # A solution that found the dataset could read the expected answers.
+    data_file = REPO / "data" / "mbpp" / "test.jsonl.gz"
+    assert data_file.exists()
+    program = (f"import os\nassert not os.path.exists({str(data_file)!r})\n"
+               f"assert not os.path.exists({str(REPO)!r})\n"
+               "assert sorted(os.listdir('/dev')) == ['fd', 'null', 'random', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']\n"
+               # the system directories, /dev, /proc, /tmp and the way to the Python installation
+               f"allowed = {{'usr', 'etc', 'bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32', 'dev', 'proc', 'tmp', {sandbox.PROGRAM_PYTHON.split('/')[1]!r}}}\n"
+               "assert set(os.listdir('/')) <= allowed, os.listdir('/')\n"
+               "assert not os.path.exists('/run') and not os.path.exists('/home') and not os.path.exists('/var')\n")
+    outcome = sandbox.run(program, timeout=5)
+    assert outcome.passed, outcome.detail
+
+
+# -----------------------------------------------------------------------------------------------
+# Solutions with tests: the judge's verdict, not the exit status
+
+def test_tests_pass_and_fail_by_the_judge():
+    honest = sandbox.Tests("def add(a, b):\n    return a + b\n", "assert add(2, 3) == 5\n")
+    wrong = sandbox.Tests("def add(a, b):\n    return a - b\n", "assert add(2, 3) == 5\n")
+    exits = sandbox.Tests("import os\nos._exit(0)\n", "assert add(2, 3) == 5\n")
+    outcomes = sandbox.run_many([honest, wrong, exits], timeout=5)
+    assert [o.passed for o in outcomes] == [True, False, False], [o.detail for o in outcomes]
+    assert "AssertionError" in outcomes[1].detail and "assert add(2, 3) == 5" in outcomes[1].detail
+
+
+def test_solution_cannot_reach_the_judge():
+    # The judge is PID 1 of the sandbox and non-dumpable: its fds (the verdict pipe), memory and
+    # environment are closed to the solution, which runs under the same uid.
+    probe = """
+import os
+for path in ['/proc/1/fd', '/proc/1/mem', '/proc/1/environ', '/proc/1/fd/3']:
+    try:
+        (os.listdir if path.endswith('fd') else open)(path)
+    except OSError:
+        continue
+    raise SystemExit(f'{path} is open to the solution')
+"""
+    outcome = sandbox.run(sandbox.Tests(probe, "pass\n"), timeout=5)
+    assert outcome.passed, outcome.detail
+    # and writing "passed" to every fd it has does not make failing tests pass
+    forger = "import os\nfor fd in range(256):\n    try:\n        os.write(fd, b'passed\\n')\n    except OSError:\n        pass\n"
+    assert not sandbox.run(sandbox.Tests(forger, "assert False\n"), timeout=5).passed

@@ -213,11 +213,15 @@ def test_main_block_is_dropped():
         "def f(x):\n    if __name__ == '__main__': pass\n"  # only a top-level block
 
 
-def test_mbpp_program_order():
-    # code, then the setup code (task 367's setup uses a class the solution defines), then the asserts
-    example = {"text": "t", "test_setup_code": "root = Node(1)", "test_list": ["assert f(root)", "assert True"]}
-    program = tasks.get("mbpp").solution_and_tests(example, "```python\nclass Node: pass\ndef f(x): return x\n```")
-    assert program == "class Node: pass\ndef f(x): return x\n\nroot = Node(1)\nassert f(root)\nassert True\n"
+def test_mbpp_tests_order():
+    # the solution is the code, then the setup code (task 367's setup uses a class the solution
+    # defines); the tests are the asserts; the reference code's names are the solution's
+    example = {"text": "t", "code": "class Node:\n    pass\ndef f(x):\n    return x\n",
+               "test_setup_code": "root = Node(1)", "test_list": ["assert f(root)", "assert True"]}
+    job = tasks.get("mbpp").tests(example, "```python\nclass Node: pass\ndef f(x): return x\n```")
+    assert job.solution == "class Node: pass\ndef f(x): return x\n\nroot = Node(1)\n"
+    assert job.tests == "assert f(root)\nassert True\n"
+    assert (job.prelude, job.solution_names) == ("", ("Node", "f"))
 
 
 HUMANEVAL_EXAMPLE = {
@@ -225,29 +229,32 @@ HUMANEVAL_EXAMPLE = {
     "entry_point": "area",
     "test": "def check(candidate):\n    assert candidate(1) == math.pi\n",
 }
+HUMANEVAL_HEAD = "import math\n\n\ndef helper(x):\n    return x\n\n\n"
 
 
-def test_humaneval_program_whole_function():
+def test_humaneval_tests_whole_function():
     reply = "```python\ndef area(r: float) -> float:\n    return helper(math.pi) * r * r\n```"
-    program = tasks.get("humaneval").solution_and_tests(HUMANEVAL_EXAMPLE, reply)
-    # the prompt's imports and helper come first, then the model's function, the test and the call
-    assert program.startswith("import math\n\n\ndef helper(x):\n    return x\n\n\ndef area(r: float) -> float:\n    return helper")
-    assert program.count("def area") == 1
-    assert program.endswith("assert candidate(1) == math.pi\n\n\ncheck(area)\n")
+    job = tasks.get("humaneval").tests(HUMANEVAL_EXAMPLE, reply)
+    # the solution: the prompt's imports and helper, then the model's function; the judge runs its own
+    # copy of the imports and helper (the prelude), then the test and the call
+    assert job.solution == HUMANEVAL_HEAD + "def area(r: float) -> float:\n    return helper(math.pi) * r * r\n\n"
+    assert job.prelude == HUMANEVAL_HEAD
+    assert job.tests == "def check(candidate):\n    assert candidate(1) == math.pi\n\n\ncheck(area)\n"
+    assert job.solution_names == ("area",)
 
 
-def test_humaneval_program_body():
+def test_humaneval_tests_body():
     reply = "```python\n    return math.pi * r * r\n```"
-    program = tasks.get("humaneval").solution_and_tests(HUMANEVAL_EXAMPLE, reply)
-    assert program.startswith(HUMANEVAL_EXAMPLE["prompt"] + "    return math.pi * r * r\n")
+    job = tasks.get("humaneval").tests(HUMANEVAL_EXAMPLE, reply)
+    assert job.solution == HUMANEVAL_EXAMPLE["prompt"] + "    return math.pi * r * r\n\n"
+    assert job.prelude == HUMANEVAL_HEAD
 
 
-def test_program_has_the_exit_guard_around_it():
-    example = {"text": "t", "test_setup_code": "", "test_list": ["assert f() == 1"]}
-    program = tasks.get("mbpp").program(example, "```python\nfrom __future__ import annotations\ndef f(): return 1\n```")
-    assert program.startswith("from __future__ import annotations\n" + tasks.EXIT_GUARD_HEAD)
-    assert program.endswith("assert f() == 1\n" + tasks.EXIT_GUARD_TAIL)
-    compile(program, "program", "exec")  # a __future__ import after other code would be a SyntaxError
+def test_future_import_goes_first():
+    example = {"text": "t", "code": "def f(): return 1", "test_setup_code": "", "test_list": ["assert f() == 1"]}
+    job = tasks.get("mbpp").tests(example, "```python\nfrom __future__ import annotations\ndef f(): return 1\n```")
+    assert job.solution.startswith("from __future__ import annotations\n")
+    compile(job.solution, "solution", "exec")  # a __future__ import after other code would be a SyntaxError
 
 
 def test_reward():
