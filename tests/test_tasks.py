@@ -281,7 +281,7 @@ def test_code_timeout_garbage_and_early_exit_fail():
     task.timeout = 2.0
     example = next(e for e in task.load("test"))
     replies = [fenced("while True:\n    pass"), "I cannot write this function.", "",
-               # exit status 0 before the asserts ran: the exit guard makes these fail
+               # exit status 0 before the asserts ran: the judge never saw the tests run
                fenced("import sys\nsys.exit(0)"), fenced("raise SystemExit"), fenced("exit()"),
                fenced(example["code"] + "\nprint('done')"),
                fenced(example["code"] + "\nif __name__ == '__main__':\n    import sys\n    sys.exit(int(input()))")]
