@@ -25,7 +25,7 @@ DEFAULTS = dict(
     limit=None,  # first N examples of the split (all when None)
     batch_size=32,
     max_new_tokens=None,  # None: the task's own budget
-    out=None,  # JSON Lines of per-example records; default runs/eval-<task>-<split>.jsonl
+    out=None,  # JSON Lines of per-example records; default: see default_out
 )
 
 
@@ -89,6 +89,19 @@ def _jsonable(value):
     return value if value is None or isinstance(value, (str, int, float, bool, list, dict)) else str(value)
 
 
+def default_out(args) -> Path:
+    """runs/eval-<task>-<split>[-<expert or LoRA file>].jsonl, never an existing file: a second run
+    of the same evaluation gets -2, -3, ... rather than replacing the first one's records (an
+    explicit --out is the user's to overwrite)."""
+    adapter = args.expert or args.lora
+    stem = f"runs/eval-{args.task}-{args.split}" + (f"-{Path(adapter).parent.name}-{Path(adapter).stem}" if adapter else "")
+    out, n = Path(f"{stem}.jsonl"), 1
+    while out.exists():
+        n += 1
+        out = Path(f"{stem}-{n}.jsonl")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
@@ -124,7 +137,7 @@ def main():
         options["strict"] = (args.label_rule or trained_rule or "lenient") == "strict"
     task = tasks.get(args.task, **options)
     examples = task.load(args.split)[: args.limit]
-    out = Path(args.out or f"runs/eval-{args.task}-{args.split}.jsonl")
+    out = Path(args.out) if args.out else default_out(args)
     threads = m.set_threads(args.threads)
     config = {**vars(args), "threads": threads, "examples": len(examples),
               "max_new_tokens": args.max_new_tokens or task.max_new_tokens}

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,18 @@ def test_command_line_end_to_end(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and all(set(r) >= {"id", "prompt", "completion", "extracted", "correct"} for r in records)
     assert "accuracy" in run.stdout and "n=2" in run.stdout
+
+
+def test_default_out_never_replaces_an_earlier_run(tmp_path, monkeypatch):
+    import argparse
+    monkeypatch.chdir(tmp_path)
+    base = argparse.Namespace(task="gsm8k", split="test", expert=None, lora=None)
+    with_expert = argparse.Namespace(task="gsm8k", split="test", expert="experts/math.safetensors", lora=None)
+    assert evaluate.default_out(base) == Path("runs/eval-gsm8k-test.jsonl")
+    # a base run, then the same task with an expert: two files
+    assert evaluate.default_out(with_expert) == Path("runs/eval-gsm8k-test-experts-math.jsonl")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/eval-gsm8k-test.jsonl").write_text("earlier run\n")
+    assert evaluate.default_out(base) == Path("runs/eval-gsm8k-test-2.jsonl")
+    (tmp_path / "runs/eval-gsm8k-test-2.jsonl").write_text("earlier run\n")
+    assert evaluate.default_out(base) == Path("runs/eval-gsm8k-test-3.jsonl")
