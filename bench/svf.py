@@ -212,7 +212,7 @@ def main():
         svd_seconds[targets], factors = timed(lambda: svf.decompose(model, names, cache=False, progress=False))
         shapes = sorted({tuple(model.get_submodule(n).weight.shape) for n in names})
         print(f"  SVD {targets}: {len(names)} matrices {shapes}, {svd_seconds[targets]:.1f} s", file=sys.stderr, flush=True)
-    merge_all_seconds, _ = timed(lambda: [m.wide_column_major(svf.materialize(U, S, Vh, torch.ones_like(S), "scale", U.dtype))
+    merge_all_seconds, _ = timed(lambda: [svf.materialize(U, S, Vh, torch.ones_like(S), "scale", U.dtype).contiguous()
                                           for U, S, Vh in factors.values()])
     del factors
 

@@ -207,10 +207,9 @@ def test_merge_disable_and_remove_leave_the_base_weights_untouched(tiny_llama):
         with adapter.merged():
             assert (model(TOKENS) - trained).abs().max().item() <= 1e-5
             for name, layer in adapter.modules.items():
-                # model.load's layout: column-major when out >= in (q, o, gate, up), else row-major (k, v, down)
+                # nn.Linear's row-major layout, as model.load gives it
                 out_features, in_features = layer.base.weight.shape
-                expected = (1, out_features) if out_features >= in_features else (in_features, 1)
-                assert layer.merged_weight.stride() == expected == layer.base.weight.stride(), name
+                assert layer.merged_weight.stride() == (in_features, 1) == layer.base.weight.stride(), name
         with adapter.disabled():
             assert torch.equal(model(TOKENS), base)
         assert torch.equal(model(TOKENS), trained)  # back in training mode
