@@ -6,9 +6,9 @@
 
 Evaluates on the validation split before training and every --eval-every steps, keeps the best z by
 validation accuracy (the paper's early stopping), and evaluates that expert and the base model on the
-test split at the end. Writes to --out: config.json, metrics.jsonl, checkpoint.pt (atomic; --resume
-continues from it; Ctrl-C saves one), expert.safetensors (the best z, with its metadata and command),
-and learning_curve.png when matplotlib is installed.
+test split at the end. Writes to --out: config.json, metrics.jsonl, checkpoint.pt (atomic, after every
+step; --resume continues from it, with the run's settings), expert.safetensors (the best z, with its
+metadata and command), and learning_curve.png when matplotlib is installed.
 
 Data parallel over several GPUs (or CPU processes) with torchrun:
 
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -179,13 +180,61 @@ def save_checkpoint(path: Path, state: dict):
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at path, read with weights_only=True: tensors and plain Python data (all that
+    save_checkpoint writes) load, and a file that asks to call anything else is refused before it runs."""
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say what to do rather than show a pickle trace
-        raise RuntimeError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}); "
-                           f"delete it to start over, or restore a copy") from e
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        message = str(e)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if refused:
+            raise RuntimeError(f"checkpoint {path} was refused: loading it would call {refused.group(1)}, and train.py "
+                               f"loads only tensors and plain data, so nothing in it ran. A checkpoint written by "
+                               f"train.py holds no such thing: delete this file, or restore a copy from train.py") from None
+        # A truncated or foreign file. torch's text suggests weights_only=False, which would run whatever the
+        # file holds, so keep only its reason.
+        reason = " ".join(message.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        raise RuntimeError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {reason}); "
+                           f"delete it to start over, or restore a copy") from None
+
+
+CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step", "best", "config")
+# Settings that may change when a run is resumed: where and how fast the same computation runs.
+# --micro-batch and --gen-batch split the same batch into other forward passes (train_step weighs each
+# micro-batch into the batch mean), so a run that ran out of memory can continue with smaller ones; with
+# another number of processes each rolls out another share (with --temperature > 0, other samples). Every
+# other setting changes what is trained or how it is chosen and measured, and must match; --steps too,
+# since the cosine schedule decays to 0 over the total, so another total would be neither run.
+RESUME_MAY_DIFFER = {"device", "threads", "compile", "micro_batch", "gen_batch", "processes", "out", "command",
+                     "resume"}
+
+
+def resume_state(path: Path, config: dict) -> dict:
+    """The checkpoint to continue from, once it is known to be train.py's and of the run `config` describes."""
+    try:
+        state = load_checkpoint(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(str(e)) from None
+    if not (isinstance(state, dict) and all(key in state for key in CHECKPOINT_KEYS)
+            and isinstance(state["config"], dict)):
+        missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else []
+        holds = f"it lacks {', '.join(missing)}" if missing else f"it holds a {type(state).__name__}"
+        raise SystemExit(f"--resume: {path} is not a train.py checkpoint ({holds}); give the --out of the run to "
+                         f"continue, or start a new run in another --out")
+    saved = state["config"]
+    differ = [key for key in sorted(set(saved) | set(config))
+              if key not in RESUME_MAY_DIFFER and saved.get(key) != config.get(key)]
+    if differ:
+        def shown(value):
+            return "unset" if value is None else str(value)
+        lines = [f"  --{key.replace('_', '-')}: {shown(saved.get(key))} in the checkpoint, "
+                 f"{shown(config.get(key))} on this command line" for key in differ]
+        raise SystemExit(f"--resume: {path} is a run with other settings than this command's:\n" + "\n".join(lines) +
+                         f"\nresume with the run's settings ({path.parent / 'config.json'} lists them), or start a "
+                         f"new run in another --out")
+    return state
 
 
 def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):
@@ -280,6 +329,9 @@ def main(argv=None):
     config = resolve_config(args)
     config["processes"] = world
     out = Path(config["out"])
+    checkpoint_path = out / "checkpoint.pt"
+    # Before anything loads: the checkpoint to continue from.
+    state = resume_state(checkpoint_path, config) if config["resume"] else None
     out.mkdir(parents=True, exist_ok=True)
     threads = m.set_threads(args.threads)
     if rank != 0:  # process 0 alone prints and writes
@@ -303,10 +355,8 @@ def main(argv=None):
     optimizer, scheduler = reinforce.make_optimizer(svf.parameters(), config["lr"], steps)
     autocast = torch.bfloat16 if config["autocast"] == "bf16" else None
 
-    checkpoint_path = out / "checkpoint.pt"
     history, start_step, best = [], 0, None
-    if config["resume"]:
-        state = load_checkpoint(checkpoint_path)
+    if state is not None:
         svf.load_state(state["z"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -48,6 +48,83 @@ def interrupt(monkeypatch, module, name, on_call):
     monkeypatch.setattr(module, name, interrupted)
 
 
+# ---- checkpoints load without unpickling code
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): what a crafted checkpoint could do with any callable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path):
+    marker = tmp_path / "payload-ran"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"z": RunsCode(marker), "step": 1}, out / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="checkpoint.pt.*refused"):
+        train.load_checkpoint(out / "checkpoint.pt")
+    assert not marker.exists()
+    with pytest.raises(SystemExit, match="checkpoint.pt") as stop:
+        run(out, "--resume", "--steps", "2")
+    assert "refused" in str(stop.value.code)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_train_py_loads_as_plain_data(run, tmp_path):
+    """Everything train.py saves (z, AdamW and LambdaLR state, the RNG state, history, config) loads with
+    weights_only=True, so refusing pickled objects costs nothing."""
+    run(tmp_path / "run", "--steps", "1")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 1 and state["config"]["lr"] == 0.05
+
+
+# ---- --resume refuses what is not this run's checkpoint
+
+
+def test_resume_refuses_other_settings_and_names_each(run, tmp_path):
+    out = tmp_path / "run"
+    run(out, "--steps", "2")
+    with pytest.raises(SystemExit) as stop:
+        run(out, "--steps", "2", "--resume", "--lr", "0.1", "--param", "scale")
+    message = str(stop.value.code)
+    assert "--lr: 0.05 in the checkpoint, 0.1 on this command line" in message
+    assert "--param: mask in the checkpoint, scale on this command line" in message
+    assert "--steps" not in message and str(out / "checkpoint.pt") in message
+    with pytest.raises(SystemExit, match="--steps: 2 in the checkpoint, 3 on this command line"):
+        run(out, "--steps", "3", "--resume")
+
+
+def test_resume_allows_settings_that_do_not_change_the_training(run, tmp_path):
+    """How the same batch is split into forward passes and generation batches, threads, device and
+    compilation may change on resume (e.g. a smaller --micro-batch after running out of memory)."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt(patch, reinforce, "train_step", on_call=2)
+        with pytest.raises(SystemExit):
+            run(out, "--steps", "2")
+    summary = run(out, "--steps", "2", "--resume", "--micro-batch", "2", "--gen-batch", "2", "--compile", "off",
+                  "--device", "cpu")
+    assert summary["steps"] == 2
+    assert [r["step"] for r in records(out) if "reward" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("content", [{"weight": torch.ones(2)}, torch.ones(3), [1, 2]],
+                         ids=["dict-without-our-keys", "tensor", "list"])
+def test_resume_from_a_foreign_file_names_it_and_says_what_to_do(run, tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(content, out / "checkpoint.pt")
+    with pytest.raises(SystemExit) as stop:
+        run(out, "--resume", "--steps", "2")
+    message = str(stop.value.code)
+    assert str(out / "checkpoint.pt") in message and "not a train.py checkpoint" in message
+
+
 # ---- atomic writes from two writers at once
 
 
