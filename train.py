@@ -8,7 +8,8 @@ Evaluates on the validation split before training and every --eval-every steps, 
 validation accuracy (the paper's early stopping), and evaluates that expert and the base model on the
 test split at the end. Writes to --out: config.json, metrics.jsonl, checkpoint.pt (atomic, after every
 step; --resume continues from it, with the run's settings), expert.safetensors (the best z, with its
-metadata and command), and learning_curve.png when matplotlib is installed.
+metadata and command), and learning_curve.png when matplotlib is installed. A folder that holds a run is
+not started over without --overwrite.
 
 Data parallel over several GPUs (or CPU processes) with torchrun:
 
@@ -106,6 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=m.non_negative_int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<task>-<param>-<targets>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, deleting its files")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=m.positive_int, default=None)
     p.add_argument("--method", choices=("svf", "lora"), default="svf", help="what is trained: SVF z vectors or LoRA (q, v)")
@@ -122,6 +124,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.label_rule and args.task != "cls":
         p.error("--label-rule is for --task cls (the classification expert)")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite deletes it: give one of them")
     if args.micro_batch and args.batch_size and args.micro_batch > args.batch_size:
         p.error(f"--micro-batch {args.micro_batch} is larger than --batch-size {args.batch_size}: a micro-batch is "
                 f"a slice of one update's batch; give --micro-batch {args.batch_size} or less")
@@ -200,6 +204,30 @@ def load_checkpoint(path: Path) -> dict:
                            f"delete it to start over, or restore a copy") from None
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "expert.safetensors", "summary.json", "test-base.jsonl",
+             "test-expert.jsonl", "learning_curve.png", "config.json")
+
+
+def holds_run(out: Path) -> list[str]:
+    """The files of an earlier run in out: its records, checkpoint or results (an empty metrics.jsonl and a
+    config.json alone are a run that stopped before it measured anything)."""
+    held = [name for name in ("checkpoint.pt", "expert.safetensors", "summary.json") if (out / name).exists()]
+    metrics = out / "metrics.jsonl"
+    return (["metrics.jsonl"] if metrics.exists() and metrics.stat().st_size > 0 else []) + held
+
+
+def start_fresh(out: Path, overwrite: bool, rank: int):
+    """A new run never replaces an old one unless told to: without --overwrite a folder holding a run is
+    refused; with it, that run's files are deleted, so none of them can be mistaken for the new run's."""
+    held = holds_run(out)
+    if held and not overwrite:
+        raise SystemExit(f"{out} already holds a run ({', '.join(held)}): continue it with --resume, start the new "
+                         f"run in another --out, or add --overwrite to delete the old one")
+    if overwrite and rank == 0:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
 CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step", "best", "config")
 # Settings that may change when a run is resumed: where and how fast the same computation runs.
 # --micro-batch and --gen-batch split the same batch into other forward passes (train_step weighs each
@@ -208,21 +236,25 @@ CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step"
 # other setting changes what is trained or how it is chosen and measured, and must match; --steps too,
 # since the cosine schedule decays to 0 over the total, so another total would be neither run.
 RESUME_MAY_DIFFER = {"device", "threads", "compile", "micro_batch", "gen_batch", "processes", "out", "command",
-                     "resume"}
+                     "resume", "overwrite"}
 
 
 def resume_state(path: Path, config: dict) -> dict:
     """The checkpoint to continue from, once it is known to be train.py's and of the run `config` describes."""
     try:
         state = load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as e:
+    except FileNotFoundError as e:
+        held = holds_run(path.parent)
+        raise SystemExit(f"{e}" + (f", and with --overwrite: {path.parent} holds files of a run ({', '.join(held)}) "
+                                   f"but no checkpoint to continue it from" if held else "")) from None
+    except RuntimeError as e:
         raise SystemExit(str(e)) from None
     if not (isinstance(state, dict) and all(key in state for key in CHECKPOINT_KEYS)
             and isinstance(state["config"], dict)):
         missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else []
         holds = f"it lacks {', '.join(missing)}" if missing else f"it holds a {type(state).__name__}"
         raise SystemExit(f"--resume: {path} is not a train.py checkpoint ({holds}); give the --out of the run to "
-                         f"continue, or start a new run in another --out")
+                         f"continue, or start a new run: in another --out, or in this one with --overwrite")
     saved = state["config"]
     differ = [key for key in sorted(set(saved) | set(config))
               if key not in RESUME_MAY_DIFFER and saved.get(key) != config.get(key)]
@@ -329,9 +361,11 @@ def main(argv=None):
     config = resolve_config(args)
     config["processes"] = world
     out = Path(config["out"])
-    checkpoint_path = out / "checkpoint.pt"
-    # Before anything loads: the checkpoint to continue from.
+    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    # Before anything loads: the checkpoint to continue from, or a folder free for a new run.
     state = resume_state(checkpoint_path, config) if config["resume"] else None
+    if state is None:
+        start_fresh(out, config["overwrite"], rank)
     out.mkdir(parents=True, exist_ok=True)
     threads = m.set_threads(args.threads)
     if rank != 0:  # process 0 alone prints and writes
@@ -364,14 +398,14 @@ def main(argv=None):
         history, start_step, best = state["history"], state["step"], state["best"]
         print(f"[train] resumed from {checkpoint_path} at step {start_step}")
     elif rank == 0:
-        (out / "metrics.jsonl").write_text("")
+        metrics_path.write_text("")
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=2))
 
     def log(record):
         history.append(record)
         if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(step):

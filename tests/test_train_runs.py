@@ -123,6 +123,41 @@ def test_resume_from_a_foreign_file_names_it_and_says_what_to_do(run, tmp_path, 
         run(out, "--resume", "--steps", "2")
     message = str(stop.value.code)
     assert str(out / "checkpoint.pt") in message and "not a train.py checkpoint" in message
+    assert "--overwrite" in message
+
+
+# ---- a fresh run never overwrites an old one
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(run, tmp_path):
+    out = tmp_path / "run"
+    run(out, "--steps", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as stop:
+        run(out, "--steps", "1", "--seed", "1")
+    message = str(stop.value.code)
+    assert str(out) in message and "--resume" in message and "--overwrite" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+    # metrics alone (a run stopped before its first checkpoint) are a run too
+    (out / "checkpoint.pt").unlink()
+    (out / "expert.safetensors").unlink()
+    with pytest.raises(SystemExit, match="--overwrite"):
+        run(out, "--steps", "1", "--seed", "1")
+    with pytest.raises(SystemExit, match="no checkpoint.*start without --resume.*--overwrite.*metrics.jsonl"):
+        run(out, "--steps", "1", "--resume")
+    assert (out / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+
+
+def test_overwrite_replaces_the_old_run(run, tmp_path):
+    out = tmp_path / "run"
+    run(out, "--steps", "2")
+    run(out, "--steps", "1", "--overwrite")
+    assert [r["step"] for r in records(out)] == [0, 1, 1]  # validation 0, step 1, validation 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args([*FLAGS, "--resume", "--overwrite"])
+    assert stop.value.code == 2
 
 
 # ---- atomic writes from two writers at once
