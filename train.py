@@ -390,16 +390,21 @@ def main(argv=None):
     autocast = torch.bfloat16 if config["autocast"] == "bf16" else None
 
     history, start_step, best = [], 0, None
+    saved_step = None  # the step checkpoint.pt holds, None while there is none of this run
     if state is not None:
         svf.load_state(state["z"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         history, start_step, best = state["history"], state["step"], state["best"]
+        saved_step = start_step
         print(f"[train] resumed from {checkpoint_path} at step {start_step}")
-    elif rank == 0:
-        metrics_path.write_text("")
     if rank == 0:
+        # A run killed after logging a step but before its checkpoint left records past the checkpoint; the
+        # resumed run repeats those steps. The checkpoint's history is the log up to its step, so the file
+        # restarts from it (atomically) and every step appears once.
+        with m.atomic_path(metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
         (out / "config.json").write_text(json.dumps(config, indent=2))
 
     def log(record):
@@ -409,10 +414,12 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(step):
+        nonlocal saved_step
         if rank == 0:
             save_checkpoint(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(),
                                                   scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
                                                   history=history, step=step, best=best, config=config))
+        saved_step = step
 
     def validate(step):
         nonlocal best
@@ -423,12 +430,13 @@ def main(argv=None):
         return result
 
     started = time.perf_counter()
-    if start_step == 0:
-        validate(0)
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {task.name}", disable=rank != 0)
-    step = start_step
+    doing = "the validation before training"
     try:
+        if start_step == 0:
+            validate(0)
         for step in bar:
+            doing = f"step {step + 1}"
             batch = [train_set[i] for i in batches(len(train_set), config["batch_size"], config["seed"], step)]
             examples = batch[rank::world]  # this process's share of the global batch
             if config["objective"] == "nexttoken":
@@ -450,7 +458,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         # Every finished step is already checkpointed (atomically); the step in progress is dropped, so a
         # resumed run repeats it exactly rather than applying half of it twice.
-        print(f"\n[train] interrupted during step {step + 1}: {checkpoint_path} holds step {step}; continue with --resume")
+        bar.close()
+        if saved_step is None:
+            print(f"\n[train] interrupted during {doing}: no step had finished, so nothing was saved (no checkpoint "
+                  f"in {out}); to start again, run the same command with --overwrite")
+        else:
+            print(f"\n[train] interrupted during {doing}: {checkpoint_path} holds step {saved_step}; continue with --resume")
         sys.exit(130)
     bar.close()
 

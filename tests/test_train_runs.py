@@ -160,6 +160,53 @@ def test_overwrite_replaces_the_old_run(run, tmp_path):
     assert stop.value.code == 2
 
 
+# ---- Ctrl-C says what is on disk
+
+
+def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt(patch, reinforce, "train_step", on_call=1)
+        with pytest.raises(SystemExit) as stop:
+            run(out, "--steps", "2")
+    assert stop.value.code == 130
+    said = capsys.readouterr().out
+    assert not (out / "checkpoint.pt").exists()
+    assert "holds step" not in said and "continue with --resume" not in said
+    assert "no checkpoint" in said and "--overwrite" in said
+    assert run(out, "--steps", "2", "--overwrite")["steps"] == 2  # the restart it names works
+
+
+def test_ctrl_c_after_a_checkpoint_names_its_step(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    interrupt(monkeypatch, reinforce, "train_step", on_call=3)
+    with pytest.raises(SystemExit):
+        run(out, "--steps", "4")
+    said = capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert "holds step 2; continue with --resume" in said
+
+
+# ---- metrics.jsonl holds each step once
+
+
+def test_resume_after_a_kill_during_validation_logs_each_step_once(run, tmp_path, monkeypatch):
+    """Killed while validating after step 2 (its training record written, its checkpoint not yet):
+    the resumed run repeats step 2, and metrics.jsonl still holds it once."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt(patch, train, "evaluate_split", on_call=2)  # 1: validation at 0, 2: at step 2
+        with pytest.raises(SystemExit):
+            run(out, "--steps", "3")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    run(out, "--steps", "3", "--resume")
+    logged = records(out)
+    assert [r["step"] for r in logged if "reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in logged if "valid_accuracy" in r] == [0, 2, 3]
+    history = torch.load(out / "checkpoint.pt", weights_only=True)["history"]
+    assert logged == json.loads(json.dumps(history))  # the log is the checkpoint's history (tuples as lists)
+
+
 # ---- atomic writes from two writers at once
 
 
