@@ -1,6 +1,8 @@
 """Bad input stops with a clear error that names what is wrong, never a silent wrong run: command-line
 values out of range, adapter files holding NaN or inf, and damaged model and data files."""
 
+import gzip
+import shutil
 import sys
 
 import pytest
@@ -13,6 +15,7 @@ import evaluate
 import lora
 import model as m
 import svf
+import tasks
 from conftest import evaluate_main_inputs
 
 
@@ -122,3 +125,91 @@ def test_lora_file_with_nan_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="not finite") as refused:
         lora.apply(fresh, path)
     assert str(path) in str(refused.value) and "layers.1.attn.q_proj.B" in str(refused.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged model files: the error names the file, says what is wrong and what to do
+
+
+@pytest.fixture
+def model_copy(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    return folder
+
+
+def assert_names_file(error, path):
+    assert str(path) in str(error), str(error)
+    assert error.__cause__ is not None  # the parser's own error stays chained for the details
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_malformed_config_names_the_file(model_copy, name):
+    (model_copy / name).write_text('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match="not valid JSON") as refused:
+        m.load(model_copy, device="cpu")
+    assert_names_file(refused.value, model_copy / name)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt header"])
+def test_damaged_weight_file_names_the_file(model_copy, damage):
+    path = model_copy / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00not json" + raw[17:])
+    with pytest.raises(ValueError, match="not a readable safetensors file") as refused:
+        m.load(model_copy, device="cpu")
+    assert_names_file(refused.value, path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_malformed_tokenizer_file_names_the_file(model_copy, name):
+    (model_copy / name).write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError) as refused:
+        m.Tokenizer(model_copy)
+    assert_names_file(refused.value, model_copy / name)
+
+
+def test_damaged_default_model_says_to_delete_and_rebuild(tiny_llama, tmp_path, monkeypatch):
+    """The default model built offline lives in CACHE_DIR/models; deleting it makes the next run rebuild it."""
+    monkeypatch.setattr(m, "CACHE_DIR", tmp_path)
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"delete {folder}") as refused:
+        m.load(folder, device="cpu")
+    assert_names_file(refused.value, folder / "config.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged data files: the error names the file and the line
+
+
+def write_gz(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "gsm8k" / "test.jsonl.gz"
+    write_gz(path, ['{"question": "1 + 1?", "answer": "2"}', "", '{"question": "2 + 2?", "answer": '])
+    with pytest.raises(ValueError, match="line 3") as refused:
+        tasks.read_jsonl_gz(path)
+    assert_names_file(refused.value, path)
+
+
+def test_malformed_arc_file_says_how_to_rebuild_it(tmp_path):
+    path = tmp_path / "arc_easy" / "test.jsonl.gz"
+    write_gz(path, ['{"id": "a", "question": '])
+    with pytest.raises(ValueError, match="build-arc") as refused:
+        tasks.read_jsonl_gz(path)
+    assert_names_file(refused.value, path)
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    path = tmp_path / "gsm8k" / "test.jsonl.gz"
+    write_gz(path, ['{"question": "1 + 1?", "answer": "2"}'] * 200)
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="truncated") as refused:
+        tasks.read_jsonl_gz(path)
+    assert_names_file(refused.value, path)
