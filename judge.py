@@ -99,6 +99,9 @@ def encode(value, ref_of) -> object:
         return {"decimal": str(value)}
     if type(value) is type(sys):
         return {"module": str(value.__name__)}
+    numpy = sys.modules.get("numpy")  # a solution's numpy scalar is a number like any other
+    if numpy is not None and isinstance(value, numpy.generic):
+        return encode(value.item(), ref_of)
     return {"ref": ref_of(value)}
 
 
@@ -237,7 +240,8 @@ class Worker:
             name, message = _typed(reply[1], str), _typed(reply[2], str)
             builtin = getattr(__builtins__, name, None) if not isinstance(__builtins__, dict) \
                 else __builtins__.get(name)
-            if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin.__module__ == "builtins":
+            # StopIteration would silently end a loop of the tests' (map, filter) instead of failing
+            if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not StopIteration:
                 raise builtin(message)
             raise SolutionError(f"{name}: {message}")
         if reply == ["missing"]:
@@ -332,7 +336,12 @@ def serve(solution_path: str, requests_fd: int, replies_fd: int) -> None:
             objects.append(obj)  # kept alive, so the id stays this object's
         return handle_of[id(obj)]
 
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    # A real __main__ module, as if the solution were run as a script: pickle finds its classes
+    # there, and __file__ is its own.
+    module = type(sys)("__main__")
+    module.__file__ = os.path.abspath(solution_path)
+    sys.modules["__main__"] = module
+    namespace = module.__dict__
     sys.argv = [solution_path]
     with open(solution_path) as f:
         source = f.read()
