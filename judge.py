@@ -48,6 +48,7 @@ Not defended, and why:
    dataset files included, and without a uid of its own the worker can read the judge's memory.
 """
 
+import builtins
 import ctypes
 import decimal
 import fractions
@@ -67,11 +68,11 @@ MAX_MESSAGE = 64 * 1024**2  # bytes in one reply from the worker; a bigger one f
 # The encoding, used in both directions. Only plain data is encoded by value; anything else
 # becomes {"ref": ref_of(value)}, a handle on an object that stays in the worker.
 
+COLLECTIONS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}  # {kind: [items]}
+
 def encode(value, ref_of) -> object:
-    if value is None or value is True or value is False:
+    if value is None or value is True or value is False:  # before int: bool cannot be subclassed
         return value
-    if isinstance(value, bool):  # unreachable (bool cannot be subclassed); keeps the order clear
-        return bool(value)
     if isinstance(value, int):
         return int.__int__(value)      # the int itself, not a subclass's idea of it
     if isinstance(value, float):
@@ -83,16 +84,11 @@ def encode(value, ref_of) -> object:
     if isinstance(value, (bytes, bytearray)):
         kind = "bytearray" if isinstance(value, bytearray) else "bytes"
         return {kind: bytes(value).decode("latin-1")}
-    if isinstance(value, list):
-        return {"list": [encode(v, ref_of) for v in list.__iter__(value)]}
-    if isinstance(value, tuple):
-        return {"tuple": [encode(v, ref_of) for v in tuple.__iter__(value)]}
     if isinstance(value, dict):
         return {"dict": [[encode(k, ref_of), encode(v, ref_of)] for k, v in dict.items(value)]}
-    if isinstance(value, frozenset):
-        return {"frozenset": [encode(v, ref_of) for v in frozenset.__iter__(value)]}
-    if isinstance(value, set):
-        return {"set": [encode(v, ref_of) for v in set.__iter__(value)]}
+    for kind, collection in COLLECTIONS.items():
+        if isinstance(value, collection):  # iterated as the builtin: a subclass's __iter__ does not run
+            return {kind: [encode(v, ref_of) for v in collection.__iter__(value)]}
     if type(value) is fractions.Fraction:
         return {"fraction": [value.numerator, value.denominator]}
     if type(value) is decimal.Decimal:
@@ -114,15 +110,8 @@ def decode(data, resolve_ref):
     if type(data) is not dict or len(data) != 1:
         raise ValueError(f"not an encoded value: {type(data).__name__}")
     (kind, body), = data.items()
-    items = lambda: [decode(v, resolve_ref) for v in _list(body)]
-    if kind == "list":
-        return items()
-    if kind == "tuple":
-        return tuple(items())
-    if kind == "set":
-        return set(items())
-    if kind == "frozenset":
-        return frozenset(items())
+    if kind in COLLECTIONS:
+        return COLLECTIONS[kind](decode(v, resolve_ref) for v in _list(body))
     if kind == "dict":
         return {decode(k, resolve_ref): decode(v, resolve_ref) for k, v in map(_pair, _list(body))}
     if kind in ("bytes", "bytearray"):
@@ -212,15 +201,15 @@ class Worker:
     """The judge's end of the pipes to the worker process."""
 
     def __init__(self, command: list[str], solution_path: str):
-        request_read, self.requests = os.pipe()
-        self.replies, reply_write = os.pipe()
+        request_read, requests = os.pipe()
+        replies, reply_write = os.pipe()
         self.process = subprocess.Popen(
             [*command, __file__, "--worker", solution_path, str(request_read), str(reply_write)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(request_read, reply_write))
         os.close(request_read)
         os.close(reply_write)
-        self.requests_file = os.fdopen(self.requests, "wb")
-        self.replies_file = os.fdopen(self.replies, "rb")
+        self.requests_file = os.fdopen(requests, "wb")
+        self.replies_file = os.fdopen(replies, "rb")
         self.handles = {}
         loaded = self._read()
         if loaded != ["loaded"]:
@@ -238,8 +227,7 @@ class Worker:
             return decode(reply[1], self.handle)
         if reply[:1] == ["raise"] and len(reply) == 3:
             name, message = _typed(reply[1], str), _typed(reply[2], str)
-            builtin = getattr(__builtins__, name, None) if not isinstance(__builtins__, dict) \
-                else __builtins__.get(name)
+            builtin = getattr(builtins, name, None)
             # StopIteration would silently end a loop of the tests' (map, filter) instead of failing
             if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not StopIteration:
                 raise builtin(message)
@@ -280,13 +268,11 @@ class TestNamespace(dict):
     """The tests' globals. A name they do not define is looked up as the module docstring says."""
 
     def __init__(self, worker: Worker, solution_names):
-        super().__init__(__name__="__main__", __builtins__=__builtins__)
+        super().__init__(__name__="__main__", __builtins__=builtins)
         self.worker, self.solution_names = worker, frozenset(solution_names)
-        builtins = __builtins__ if isinstance(__builtins__, dict) else vars(__builtins__)
-        self.builtin_names = frozenset(builtins)
 
     def __missing__(self, name):
-        if name in self.builtin_names and name not in self.solution_names:
+        if name in vars(builtins) and name not in self.solution_names:
             raise KeyError(name)  # the lookup goes on to the judge's builtins
         return self.worker.ask("get", name)
 

@@ -270,41 +270,31 @@ def _run_in(workdir: str, job: "str | Tests", timeout: float, unshare: list[str]
         process.wait()
         with _running_lock:
             _running.pop(process, None)
-        verdict = b"" if verdict_read is None else _read_all(verdict_read)
-    detail = _detail(stderr_path)
+        verdict = b"" if verdict_read is None else _read_verdict(verdict_read)
     if returncode is None:
         return Outcome(False, "timeout", _detail(stderr_path, f"timed out after {timeout:g} s"))
-    if returncode == LAUNCH_FAILED or detail.startswith("unshare: ") or detail.startswith("setpriv: "):
+    detail = _detail(stderr_path)
+    if returncode == LAUNCH_FAILED or detail.startswith(("unshare: ", "setpriv: ")):
         return Outcome(False, "error", detail)
-    if verdict_read is not None:
-        passed = verdict == b"passed\n"
-        if not passed and not verdict:
-            detail = _detail(stderr_path, "the judge gave no verdict")
-    else:
-        passed = returncode == 0
+    passed = verdict == b"passed\n" if verdict_read is not None else returncode == 0
     if passed:
         return Outcome(True, "passed", detail)
     if returncode < 0:
-        signal_number = -returncode
-        detail = _detail(stderr_path, f"killed by signal {signal_number} "
-                                      f"({signal.strsignal(signal_number)})")
+        detail = _detail(stderr_path, f"killed by signal {-returncode} ({signal.strsignal(-returncode)})")
+    elif verdict_read is not None and not verdict:
+        detail = _detail(stderr_path, "the judge gave no verdict")
     return Outcome(False, "failed", detail)
 
 
-def _read_all(fd: int) -> bytes:
-    """What is in a pipe whose writers have all exited (never blocks: they are gone)."""
-    os.set_blocking(fd, False)
-    chunks = []
+def _read_verdict(fd: int) -> bytes:
+    """The judge's verdict: one short line, written at once, in a pipe whose writers have exited."""
+    os.set_blocking(fd, False)  # a writer that survived (it cannot) must not make us hang
     try:
-        while chunk := os.read(fd, 4096):
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > 4096:  # a verdict is one short line
-                break
-    except BlockingIOError:  # a writer survived (it cannot, but never hang on it)
-        pass
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
     finally:
         os.close(fd)
-    return b"".join(chunks)
 
 
 def _detail(stderr_path: str, note: str = "") -> str:

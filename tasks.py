@@ -82,6 +82,8 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
+import sandbox
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SEED = 0  # the one seed behind every split
 CODE_TIMEOUT = 10.0  # seconds per generated program
@@ -605,7 +607,6 @@ class CodeTask(Task):
 
     def execute(self, examples, completions, progress=False):
         """Run every reply's tests in the sandbox; returns sandbox.Outcome (passed, status, detail) per example."""
-        import sandbox  # only the code tasks need it
         assert len(examples) == len(completions), (len(examples), len(completions))
         jobs = [self.tests(e, c) for e, c in zip(examples, completions)]
         return sandbox.run_many(jobs, timeout=self.timeout, progress=progress)
@@ -635,7 +636,6 @@ class MBPP(CodeTask):
         return f"{self.question(example)}\n\nWrite the Python function in a ```python code block."
 
     def tests(self, example, completion):
-        import sandbox
         # The setup code builds the tests' inputs, with a class the solution defines (task 367), so it
         # runs after the solution, in its process. The function the tests call may have a builtin's
         # name (task 126 is `sum`): the reference code's top-level names are the solution's.
@@ -664,7 +664,6 @@ class HumanEval(CodeTask):
                 "Write the complete function in a ```python code block.")
 
     def tests(self, example, completion):
-        import sandbox
         code = solution_code(completion) or ""
         entry_point = example["entry_point"]
         # What the prompt defines before the entry point (imports, helper functions such as
