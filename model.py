@@ -508,7 +508,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():  # sharded checkpoint: the index maps each tensor to its shard
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json_object(index, repair_advice(folder))["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).exists()]
         if missing:
             raise FileNotFoundError(f"{folder} is missing shards listed in model.safetensors.index.json: {missing}")

@@ -143,7 +143,7 @@ def assert_names_file(error, path):
     assert error.__cause__ is not None  # the parser's own error stays chained for the details
 
 
-@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "model.safetensors.index.json"])
 def test_malformed_config_names_the_file(model_copy, name):
     (model_copy / name).write_text('{"hidden_size": 64,')
     with pytest.raises(ValueError, match="not valid JSON") as refused:
