@@ -232,9 +232,11 @@ class Worker:
             if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not StopIteration:
                 raise builtin(message)
             raise SolutionError(f"{name}: {message}")
-        if reply == ["missing"]:
+        # Each of these answers one kind of request only: a "stop" to a call would end a loop of the
+        # tests' (all(map(candidate, xs)) would hold), a "missing" to a call would read as a NameError.
+        if reply == ["missing"] and request[0] == "get":
             raise KeyError(request[-1])
-        if reply == ["stop"]:
+        if reply == ["stop"] and request[0] == "next":
             raise StopIteration
         raise SolutionError(f"unexpected reply {self._describe(reply)}")
 

@@ -152,3 +152,20 @@ def test_the_prelude_is_the_judges():
 def test_solution_that_does_not_load_fails_with_its_error():
     outcome = run("def f(:\n", "assert f() == 1\n")
     assert not outcome.passed and "SyntaxError" in outcome.detail
+
+
+FORGED_REPLY = """
+import os
+def f(x):
+    for fd in range(3, 64):     # the pipe to the judge is one of these
+        try:
+            os.write(fd, b'{reply}\\n')
+        except OSError:
+            pass
+    os._exit(0)
+"""
+
+
+def test_a_stop_forged_as_the_reply_to_a_call_fails():
+    # A StopIteration out of the call would end map, and all([]) holds.
+    assert not run(FORGED_REPLY.format(reply='["stop"]'), "assert all(map(f, [1, 2, 3]))\n").passed
