@@ -500,6 +500,18 @@ def compile_wanted(choice: str, device) -> bool:
     return torch.device(device).type == "cuda" if choice == "auto" else choice == "on"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (lscpu flags avx512_bf16 or amx_bf16). Without it
+    bf16 matmuls are emulated: on a 2-core AMD EPYC (no such flags), 256 x 576 @ 576 x 1536 took 44 ms
+    forward and 263 ms for the input gradient in bf16 against 8 and 7 ms in fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     # fp32 on CPU (bf16 matmuls are slower there at small batch), bf16 on GPUs.
     return torch.bfloat16 if device.type == "cuda" else torch.float32

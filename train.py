@@ -50,7 +50,8 @@ PAPER = dict(
 )
 # A preset for a CPU-only machine given no flags: 20-60 minutes on 2 cores, and the cls task still learns.
 # Measured settings of a prototype on the default model (docs/findings.md): batch 16, lr 1e-2, MLP
-# targets, short replies, bf16 autocast for forward+backward, about 20 s per step.
+# targets, short replies, bf16 autocast for forward+backward where the CPU has bf16 in hardware
+# (fp32 elsewhere), about 20 s per step.
 CPU_PRESET = dict(
     batch_size=16, micro_batch=8, gen_batch=16, steps=30, lr=1e-2, eval_every=5,
     eval_limit=100, test_limit=200, autocast="bf16",
@@ -151,6 +152,8 @@ def resolve_config(args) -> dict:
     for key, value in vars(args).items():
         if value is not None or key not in config:
             config[key] = value
+    if preset == "cpu" and args.autocast is None and device.type == "cpu" and not m.cpu_has_native_bf16():
+        config["autocast"] = "none"  # emulated bf16 is many times slower than fp32 (m.cpu_has_native_bf16)
     config["preset"] = preset
     config["device"] = str(device)
     config["compile"] = m.compile_wanted(args.compile, device)

@@ -266,3 +266,24 @@ def test_boundary_values_are_accepted():
     args = train.parse_args(["--task", "cls", "--kl", "0", "--temperature", "0", "--lr", "1e-9", "--steps", "1",
                              "--batch-size", "4", "--micro-batch", "4", "--seed", "0"])
     assert (args.kl, args.temperature, args.steps, args.micro_batch) == (0.0, 0.0, 1, 4)
+
+
+@pytest.mark.parametrize("native, flag, expected", [
+    (True, [], "bf16"), (False, [], "none"),                       # the CPU preset, by the CPU
+    (False, ["--autocast", "bf16"], "bf16"), (True, ["--autocast", "none"], "none"),  # the flag wins
+])
+def test_cpu_preset_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native, flag, expected):
+    monkeypatch.setattr(train.m, "cpu_has_native_bf16", lambda: native)
+    config = train.resolve_config(train.parse_args(["--task", "cls", "--preset", "cpu", "--device", "cpu", *flag]))
+    assert config["autocast"] == expected
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+    real_open = builtins.open
+    for flags, expected in [("fpu avx2 avx512f", False), ("fpu avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)]:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+        assert train.m.cpu_has_native_bf16() is expected
+        monkeypatch.setattr(builtins, "open", real_open)
