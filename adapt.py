@@ -23,6 +23,7 @@ from pathlib import Path
 import cem
 import dispatch
 import evaluate
+import generate as gen
 import model as m
 import tasks
 
@@ -58,6 +59,7 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on a GPU)")
+    p.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
     p.add_argument("--threads", type=m.positive_int, default=None)
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
@@ -72,9 +74,9 @@ def main(argv=None):
     out = Path(args.out or f"runs/adapt-{label}-{args.task}.json")
     print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
 
-    model, tokenizer = m.load(args.model, device=args.device)
+    model, tokenizer = m.load(args.model, dtype=m.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
     if m.compile_wanted(args.compile, model.embed.weight.device):
-        m.compile_decode(model)
+        gen.compile_decode()
     if args.lora:
         import lora
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 import cem
-import evaluate
-import model as m
+import generate as gen
 import svf as svf_lib
 import tasks
 
@@ -71,8 +70,8 @@ class TwoPass:
         self.svf.load_state(self.experts[name_or_z] if isinstance(name_or_z, str) else name_or_z)
         return self.svf.merged()
 
-    def generate(self, prompts, max_new_tokens, **kw):
-        return evaluate.generate_replies(self.model, self.tokenizer, prompts, self.batch_size, max_new_tokens, **kw)
+    def generate(self, prompts, max_new_tokens, **kw) -> gen.Generation:
+        return gen.generate(self.model, self.tokenizer, prompts, max_new_tokens, batch_size=self.batch_size, **kw)
 
     # -- pass 1
 
@@ -86,7 +85,7 @@ class TwoPass:
             raise ValueError("mode cls needs a classification expert (train.py --task cls) in the experts folder")
         prompts = [self.tokenizer.encode_chat(tasks.classification_messages(q)) for q in questions]
         with self.use("classifier" if with_classifier else None):
-            replies, _, _ = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify")
+            replies = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify").texts
         return self.route(replies, strict), replies
 
     def route(self, replies: list[str], strict: bool = True) -> list:
@@ -108,9 +107,9 @@ class TwoPass:
         for key, (choice, indices) in groups.items():
             label = "base" if choice is None else choice if isinstance(choice, str) else "mixed"
             with self.use(choice):
-                texts, _, _ = self.generate([prompts[i] for i in indices], task.max_new_tokens, progress=progress,
-                                            desc=f"pass 2: {label}")
-            for i, text in zip(indices, texts):
+                out = self.generate([prompts[i] for i in indices], task.max_new_tokens, progress=progress,
+                                    desc=f"pass 2: {label}")
+            for i, text in zip(indices, out.texts):
                 replies[i] = text
         return replies
 
@@ -126,7 +125,7 @@ class TwoPass:
 
         def score(alpha):
             with self.use(svf_lib.mix(zs, alpha, self.svf.param)):
-                out = m.generate(self.model, self.tokenizer, prompts, max_new_tokens=task.max_new_tokens, return_logprobs=True)
+                out = self.generate(prompts, task.max_new_tokens, return_logprobs=True)
             correct = task.score_many(shots, out.texts)
             right = [lp for lp, ok in zip(out.logprobs, correct) if ok]
             loglik = torch.cat(right).mean().item() if right else float("-inf")

@@ -14,8 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
+import generate as gen
 import model as m
 import tasks
 
@@ -45,25 +44,6 @@ def accuracy(correct: list[bool]) -> dict:
     return {"n": n, "correct": k, "accuracy": k / max(n, 1), "interval": wilson_interval(k, n)}
 
 
-def generate_replies(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-                     progress: bool = True, desc: str = "generating", **sampling):
-    """Replies for many token prompts in batches of similar length (less padding); returns
-    (texts, finish reasons, tokens generated) in prompt order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts, finish = [None] * len(prompts), [None] * len(prompts)
-    n_tokens = 0
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        out = m.generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=max_new_tokens, **sampling)
-        for i, text, reason in zip(batch, out.texts, out.finish):
-            texts[i], finish[i] = text, reason
-        n_tokens += out.n_generated
-        bar.update(len(batch))
-    bar.close()
-    return texts, finish, n_tokens
-
-
 def evaluate(model, tokenizer, task, examples, batch_size: int = 32, max_new_tokens: int | None = None,
              progress: bool = True) -> dict:
     """Generate greedily for every example and score it. Returns a summary and per-example records."""
@@ -71,17 +51,18 @@ def evaluate(model, tokenizer, task, examples, batch_size: int = 32, max_new_tok
     prompts_text = [tokenizer.render_chat(task.messages(e)) for e in examples]
     prompts = [tokenizer.encode(p) for p in prompts_text]
     start = time.perf_counter()
-    completions, finish, n_tokens = generate_replies(model, tokenizer, prompts, batch_size, max_new_tokens,
-                                                     progress, desc=f"{task.name}")
+    out = gen.generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
+                       desc=task.name)
     generation_seconds = time.perf_counter() - start
+    completions, finish = out.texts, out.finish
     correct = task.score_many(examples, completions)
     records = [
         {"id": e.get("id"), "prompt": p, "completion": c, "extracted": _jsonable(task.extract(e, c)),
          "correct": bool(ok), "finish": f}
         for e, p, c, ok, f in zip(examples, prompts_text, completions, correct, finish)
     ]
-    return dict(task=task.name, **accuracy(correct), tokens=n_tokens, seconds=time.perf_counter() - start,
-                tok_per_s=n_tokens / max(generation_seconds, 1e-9),
+    return dict(task=task.name, **accuracy(correct), tokens=out.n_generated, seconds=time.perf_counter() - start,
+                tok_per_s=out.n_generated / max(generation_seconds, 1e-9),
                 hit_limit=sum(f == "length" for f in finish), records=records)
 
 
@@ -122,6 +103,7 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the decode step (auto: on a GPU)")
+    parser.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
     parser.add_argument("--threads", type=m.positive_int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     if args.lora and args.expert:
@@ -143,9 +125,9 @@ def main():
               "max_new_tokens": args.max_new_tokens or task.max_new_tokens}
     print("config: " + json.dumps(config))
 
-    model, tokenizer = m.load(args.model, device=args.device)
+    model, tokenizer = m.load(args.model, dtype=m.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
     if m.compile_wanted(args.compile, model.embed.weight.device):
-        m.compile_decode(model)
+        gen.compile_decode()
     if args.expert:
         import svf
 

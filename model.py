@@ -1,14 +1,12 @@
 """A single-file Llama / Mistral / Qwen2 transformer that loads Hugging Face checkpoints directly.
 
-Read top to bottom: configuration, RMSNorm, rotary embeddings, attention, MLP, block, transformer,
-tokenizer with the model's own chat template, finding and loading weights, batched generation with a
-preallocated KV cache, and a small command to talk to a model.
+Read top to bottom: configuration, RMSNorm, rotary embeddings, attention with a preallocated KV cache,
+MLP, block, transformer (a full forward, prefill and the decode step), tokenizer with the model's own
+chat template, finding and loading weights. Generation (sampling, continuous batching) is generate.py.
 
 What it is not: a training framework, a serving engine, or a general model zoo. It supports exactly the
 decoder-only families the project uses, and refuses (with an error) any config field that would change
 the math in a way it does not implement, so it never gives silently wrong output.
-
-    python model.py --prompt "What is the capital of France?"
 """
 
 from __future__ import annotations
@@ -169,7 +167,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, written at slot positions; never reallocated while decoding."""
+    """Preallocated keys and values of one layer, one row per sequence being generated; each row fills
+    its own slots from 0 (its token positions), so rows of different lengths never need padding."""
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -177,22 +176,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start, k, v):
-        """Write k, v (B, n_kv_heads, T, head_dim) at slots start.., return the keys and values to attend to.
+    def fill(self, rows, k, v):
+        """Prefill: k, v (B, n_kv_heads, T, head_dim) of whole prompts into cache rows `rows` (B,), slots 0..T-1."""
+        self.k[rows, :, : k.shape[2]] = k
+        self.v[rows, :, : v.shape[2]] = v
 
-        start an int: the filled part of the cache, [:start + T]. start a 0-d tensor (the compiled decode
-        step): the whole cache, written in place, so every step has the same shapes and no Python number
-        changes between steps; the attention mask hides the slots not written yet.
-        """
-        if isinstance(start, torch.Tensor):
-            slots = start + torch.arange(k.shape[2], device=k.device)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            return self.k, self.v
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def append(self, positions, k, v, n_keys: int):
+        """Decode: one new key and value per row 0..B-1 (k, v (B, n_kv_heads, 1, head_dim)) at that row's
+        own position (B,); returns the first n_keys slots of those rows to attend to."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device)
+        self.k[rows, :, positions] = k[:, :, 0]
+        self.v[rows, :, positions] = v[:, :, 0]
+        return self.k[:B, :, :n_keys], self.v[:B, :, :n_keys]  # (B, n_kv_heads, n_keys, head_dim)
+
+    def move_row(self, source: int, target: int, length: int):
+        """Copy the first `length` slots of one row into another (a finished row's place is taken)."""
+        self.k[target, :, :length] = self.k[source, :, :length]
+        self.v[target, :, :length] = self.v[source, :, :length]
 
 
 class Attention(nn.Module):
@@ -205,15 +206,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, start):
+    def forward(self, x, cos, sin, mask, cache_rows=None, positions=None, n_keys=None):
+        """Without a cache (cache_rows and positions None): attend within x. Prefill: also write x's keys
+        and values into cache rows `cache_rows`. Decode (positions (B,)): x is one token per cache row
+        0..B-1, written at its position, attending to the first n_keys slots of its row."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(start, k, v)  # (B, n_kv_heads, start + T, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        if cache_rows is not None:
+            self.cache.fill(cache_rows, k, v)
+        elif positions is not None:
+            k, v = self.cache.append(positions, k, v, n_keys)  # (B, n_kv_heads, n_keys, head_dim)
+        # mask None: plain causal attention (the fused kernels' fast path).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -238,8 +246,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, start)
+    def forward(self, x, cos, sin, mask, **cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, **cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -254,56 +262,80 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
-        self.compiled_decode = None  # set by compile_decode()
 
-    def forward(self, tokens, pad: torch.Tensor | None = None, start: int | torch.Tensor = 0, last_only: bool = False):
+    def forward(self, tokens, pad: torch.Tensor | None = None, last_only: bool = False):
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         pad (B,): how many left-padding tokens each row has; those slots are never attended to and
-        positions count from each row's first real token. start: the cache slot of tokens[:, 0]
-        (0 without a cache). Every row shares the slot index, which is why prompts are left-padded.
-        A 0-d tensor start attends over the whole cache (see KVCache.update): the compiled decode step.
+        positions count from each row's first real token.
         """
-        x = self.hidden_states(tokens, pad, start)
+        x = self.hidden_states(tokens, pad)
         return self.lm_head(x[:, -1:] if last_only else x).float()  # logits in fp32 whatever the weights are
 
-    def hidden_states(self, tokens, pad: torch.Tensor | None = None, start: int | torch.Tensor = 0):
+    def hidden_states(self, tokens, pad: torch.Tensor | None = None, cache_rows: torch.Tensor | None = None):
         """tokens (B, T) -> final normalised hidden states (B, T, dim), before the output projection
-        (training computes logits only where it needs them: the vocabulary is the largest matrix)."""
+        (training computes logits only where it needs them: the vocabulary is the largest matrix).
+        cache_rows (B,): also write every layer's keys and values into these rows of the KV cache (prefill)."""
         B, T = tokens.shape
         device = tokens.device
-        pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
-        slots = start + torch.arange(T, device=device)  # (T,)
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        positions = torch.arange(T, device=device)[None, :]  # (1, T)
+        mask = None  # plain causal
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)  # (B, T)
+        if pad is not None or self.args.sliding_window is not None:
+            pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
+            mask = attention_mask(pad, T, self.args.sliding_window)  # (B, 1, T, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed.weight.dtype)
-        # Keys: the filled cache (int start), or all of it (tensor start, the compiled step).
-        n_keys = self.layers[0].attn.cache.k.shape[2] if isinstance(start, torch.Tensor) else start + T
-        mask = attention_mask(pad, slots, n_keys, self.args.sliding_window)  # (B, 1, T, n_keys)
-
         x = self.embed(tokens)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, start)
+            x = layer(x, cos, sin, mask, cache_rows=cache_rows)
         return self.norm(x)
+
+    def prefill(self, tokens, lengths, cache_rows):
+        """Right-padded prompts tokens (B, T) of lengths (B,) into cache rows cache_rows (B,); returns
+        the logits after each prompt's last token (B, vocab). Right padding keeps every prompt at
+        positions 0.., and causal attention keeps the padding after a prompt out of its real tokens."""
+        x = self.hidden_states(tokens, cache_rows=cache_rows)  # (B, T, dim)
+        last = x[torch.arange(len(tokens), device=x.device), lengths - 1]  # (B, dim)
+        return self.lm_head(last).float()
+
+    def decode(self, tokens, positions, n_keys: int):
+        """One new token per cache row 0..B-1: tokens (B,) at their rows' own positions (B,), attending
+        to the first n_keys cache slots; returns the logits for the next token (B, vocab)."""
+        keys = torch.arange(n_keys, device=tokens.device)
+        allowed = keys[None, :] <= positions[:, None]  # (B, n_keys): this row's slots written so far
+        if self.args.sliding_window is not None:
+            allowed = allowed & (positions[:, None] - keys[None, :] < self.args.sliding_window)
+        cos, sin = rope_cos_sin(self.inv_freq, positions[:, None], self.embed.weight.dtype)
+        x = self.embed(tokens[:, None])  # (B, 1, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin, allowed[:, None, None, :], positions=positions, n_keys=n_keys)
+        return self.lm_head(self.norm(x)[:, 0]).float()  # (B, vocab)
 
     def setup_cache(self, batch_size: int, max_len: int):
         p = self.embed.weight
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)
 
+    def move_cache_row(self, source: int, target: int, length: int):
+        for layer in self.layers:
+            layer.attn.cache.move_row(source, target, length)
+
     def clear_cache(self):
         for layer in self.layers:
             layer.attn.cache = None
 
 
-def attention_mask(pad, slots, n_keys: int, window: int | None):
-    """Boolean (B, 1, T, n_keys) mask, True where query slot may attend to key slot."""
-    keys = torch.arange(n_keys, device=slots.device)
-    allowed = keys[None, :] <= slots[:, None]  # causal, (T, n_keys)
+def attention_mask(pad, T: int, window: int | None):
+    """Boolean (B, 1, T, T) mask, True where a query may attend to a key: causal, within the sliding
+    window, and never to a row's left padding."""
+    slots = torch.arange(T, device=pad.device)
+    allowed = slots[None, :] <= slots[:, None]  # causal, (T, T): query slot, key slot
     if window is not None:
-        allowed = allowed & (slots[:, None] - keys[None, :] < window)
-    allowed = allowed[None] & (keys[None, None, :] >= pad[:, None, None])  # (B, T, n_keys): no padding keys
+        allowed = allowed & (slots[:, None] - slots[None, :] < window)
+    allowed = allowed[None] & (slots[None, None, :] >= pad[:, None, None])  # (B, T, T): no padding keys
     # A padding query has no allowed key at all; let it see itself so softmax stays finite (its output is unused).
-    allowed = allowed | (keys[None, None, :] == slots[None, :, None])
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=pad.device)[None]
     return allowed[:, None]
 
 
@@ -512,9 +544,46 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # fp32 on CPU (bf16 matmuls are slower there at small batch), bf16 on GPUs.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+# The scripts' --dtype: "auto" is None here (load() decides), the others fix the weights' dtype.
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_HELP = ("weights' dtype: auto = bf16 on a GPU; on a CPU bf16 where it has bf16 in hardware and a "
+              "quick probe at load finds it faster, else fp32 (T2_DTYPE=fp32|bf16 fixes it). Logits are fp32 either way")
+
+
+def cast_weights(model: "Transformer", dtype: torch.dtype):
+    """Every parameter to dtype, in place (the rotary frequencies stay fp32)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+@torch.no_grad()  # not inference_mode: the cast weights must stay usable by training's autograd
+def probe_cpu_dtype(model: "Transformer", rows: int, repeats: int = 3) -> tuple[torch.dtype, dict]:
+    """The faster weight dtype for this model on this CPU, fp32 or bf16, timed on what generation does
+    most: a forward of `rows` one-token rows (a decode step's matrix shapes). The answer depends on the
+    CPU and the rows: with AMX, bf16 matmuls of 16-128 rows were 2.4-5x faster than fp32 and a 1-row one
+    0.8x. Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
+    tokens = torch.randint(model.args.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cast_weights(model, dtype)
+        model(tokens)  # warm-up: oneDNN picks and caches its kernels on the first call
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - start)
+        seconds[dtype] = min(times)
+    best = min(seconds, key=seconds.get)
+    cast_weights(model, best)
+    return best, seconds
+
+
+def env_dtype() -> torch.dtype | None:
+    """T2_DTYPE (fp32, bf16 or auto; unset is auto): a machine-wide choice, e.g. for reproducible tests."""
+    value = os.environ.get("T2_DTYPE", "auto")
+    if value not in DTYPES:
+        raise ValueError(f"T2_DTYPE={value!r}: give one of {sorted(DTYPES)}")
+    return DTYPES[value]
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -535,9 +604,14 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None, device=None):
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None, device=None,
+         probe_rows: int = 16):
     """Load (model, tokenizer) from a folder or hub id. Weights are assigned into a meta-device model,
-    so nothing is allocated twice."""
+    so nothing is allocated twice.
+
+    dtype None: T2_DTYPE if set, else bf16 on a GPU; on a CPU fp32, or bf16 when the CPU has bf16 in
+    hardware and probe_cpu_dtype finds it faster at probe_rows rows (say how many rows the caller's
+    batches have). The choice is printed."""
     folder = resolve(name_or_path)
     advice = repair_advice(folder)
     config_path = folder / "config.json"
@@ -549,7 +623,10 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | N
         eos = read_json_object(generation_config, advice).get("eos_token_id")
         args.eos_ids = sorted(set(args.eos_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or env_dtype()
+    probe = dtype is None and device.type == "cpu" and cpu_has_native_bf16()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -583,183 +660,16 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | N
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_frequencies(args).to(device)
     model.eval().requires_grad_(False)
+    if probe:
+        dtype, seconds = probe_cpu_dtype(model, probe_rows)
+        print(f"[model] weights in {str(dtype).removeprefix('torch.')}: a {probe_rows}-row decode-shaped forward "
+              f"took {seconds[torch.bfloat16] * 1e3:.1f} ms in bf16, {seconds[torch.float32] * 1e3:.1f} ms in fp32 "
+              f"on this CPU (--dtype or T2_DTYPE to choose)", file=sys.stderr)
     return model, Tokenizer(folder, args.eos_ids)
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation
-
-
-@dataclass
-class Generation:
-    """What generate() returns for each prompt, in prompt order."""
-
-    texts: list[str]  # decoded reply, cut before EOS or the stop string
-    tokens: list[list[int]]  # generated ids, including the EOS token if one was produced
-    finish: list[str]  # "eos", "stop" or "length"
-    logprobs: list[torch.Tensor] | None = None  # log p(token) under the model (temperature 1) per generated token
-    n_generated: int = 0  # tokens produced in all, for tok/s
-
-
-def sample_next(logits, temperature: float, top_p: float, generator):
-    """(B, vocab) logits -> (B,) tokens. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def prefill(model, tokens, pad):
-    """Run the whole (left-padded) prompt through the model, filling the cache; logits of the last slot."""
-    return model(tokens, pad=pad, start=0, last_only=True)[:, -1]  # (B, vocab)
-
-
-def decode_one_token(model, token, pad, start):
-    """One new token per row at cache slot `start` (an int; a 0-d tensor in the compiled step); logits for the next one."""
-    return model(token[:, None], pad=pad, start=start)[:, -1]  # (B, vocab)
-
-
-CACHE_ROUND = 256  # with a compiled step, cache lengths are rounded up to a multiple of this: few shapes to compile
-
-
-def compile_decode(model: "Transformer", mode: str | None = None) -> "Transformer":
-    """From now on generate() decodes with a torch.compile'd step. The step gets its cache slot as a
-    tensor and attends over the whole preallocated cache (masked), so its shapes stay the same from
-    token to token and it compiles once per batch size and cache length. mode: torch.compile's
-    ("reduce-overhead" adds CUDA graphs). Needs a compiler toolchain (Triton on a GPU, C++ on a CPU)."""
-    model.compiled_decode = torch.compile(decode_one_token, dynamic=False, mode=mode)
-    return model
-
-
-@torch.inference_mode()
-def generate(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    return_logprobs: bool = False,
-    check_every: int = 8,
-) -> Generation:
-    """Generate replies for many token prompts at once.
-
-    Prompts of different lengths are left-padded so that every row writes the same cache slot at each
-    step; the padding is masked out and positions count from each row's first real token. A row stops
-    at an EOS token or when its text contains a stop string; the loop ends when every row has stopped.
-    The stop check needs the host, so it runs every `check_every` tokens rather than every token.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs a non-empty list of non-empty token prompts")
-    device = model.embed.weight.device
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.args.max_seq_len:
-        max_new_tokens = max(model.args.max_seq_len - longest, 0)
-    pad_id = tokenizer.pad_id
-    tokens = torch.full((B, longest), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):] = torch.tensor(p)
-    tokens = tokens.to(device)
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
-
-    step = model.compiled_decode
-    cache_len = longest + max_new_tokens
-    if step is not None:
-        cache_len = max(min(-(-cache_len // CACHE_ROUND) * CACHE_ROUND, model.args.max_seq_len), cache_len)
-        slot = torch.tensor(longest, device=device)  # the compiled step's cache slot, kept on the device
-    model.setup_cache(B, cache_len)
-    try:
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        stopped_at = [None] * B  # text cut position for rows stopped by a stop string
-        logits = prefill(model, tokens, pad)
-        steps = 0
-        for t in range(max_new_tokens):
-            next_token = sample_next(logits, temperature, top_p, generator)
-            next_token = torch.where(done, pad_id, next_token)  # finished rows keep writing padding
-            out[:, t] = next_token
-            if return_logprobs:
-                logprobs[:, t] = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
-            done = done | torch.isin(next_token, eos)
-            steps = t + 1
-            if (t + 1) % check_every == 0 or t + 1 == max_new_tokens:
-                if stop:
-                    done = _apply_stop_strings(tokenizer, out[:, : t + 1], done, stop, stopped_at)
-                if bool(done.all()):
-                    break
-            if t + 1 < max_new_tokens:
-                if step is None:
-                    logits = decode_one_token(model, next_token, pad, longest + t)
-                else:
-                    logits, slot = step(model, next_token, pad, slot), slot + 1
-    finally:
-        model.clear_cache()
-
-    out = out[:, :steps].tolist()
-    eos_set = set(tokenizer.eos_ids)
-    texts, kept, finish, kept_logprobs = [], [], [], []
-    n_generated = 0
-    for i in range(B):
-        row = out[i]
-        end = next((j for j, tok in enumerate(row) if tok in eos_set), None)
-        if stopped_at[i] is not None and (end is None or stopped_at[i][0] <= end):
-            n_tok, cut = stopped_at[i]
-            row_tokens, reason = row[:n_tok], "stop"
-            text = tokenizer.decode(row_tokens)[:cut]
-        elif end is not None:
-            row_tokens, reason = row[: end + 1], "eos"
-            text = tokenizer.decode(row[:end])
-        else:
-            row_tokens, reason = row, "length"
-            text = tokenizer.decode(row)
-        texts.append(text)
-        kept.append(row_tokens)
-        finish.append(reason)
-        n_generated += len(row_tokens)
-        if return_logprobs:
-            kept_logprobs.append(logprobs[i, : len(row_tokens)].cpu())
-    return Generation(texts, kept, finish, kept_logprobs if return_logprobs else None, n_generated)
-
-
-def _apply_stop_strings(tokenizer, out, done, stop, stopped_at):
-    """Mark rows whose text contains a stop string; remember how many tokens and characters to keep."""
-    rows = (~done).nonzero().flatten().tolist()
-    if not rows:
-        return done
-    done = done.clone()
-    eos_set = set(tokenizer.eos_ids)
-    for i in rows:
-        ids = out[i].tolist()
-        text = tokenizer.decode(ids)
-        hits = [text.find(s) for s in stop if s in text]
-        if not hits:
-            continue
-        cut = min(hits)
-        # The fewest tokens whose text already holds the stop string.
-        n_tok = next(n for n in range(1, len(ids) + 1) if any(s in tokenizer.decode(ids[:n]) for s in stop))
-        if not any(tok in eos_set for tok in ids[:n_tok]):
-            stopped_at[i] = (n_tok, cut)
-        done[i] = True
-    return done
-
-
-# ----------------------------------------------------------------------------------------------
-# Threads and the command line
+# Threads, files and command-line values
 
 
 def free_cores(sample_seconds: float = 0.2) -> int:
@@ -827,43 +737,3 @@ def set_threads(threads: int | None = None) -> int:
     threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
     torch.set_num_threads(threads)
     return threads
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Talk to a model: one prompt in, the reply and tok/s out.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="local Hugging Face folder or hub id")
-    parser.add_argument("--prompt", default="What is the capital of France?")
-    parser.add_argument("--system", default=None, help="system message (default: the chat template's own)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: 0 < top-p <= 1 (1 keeps every token)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: free cores)")
-    args = parser.parse_args()
-    # "nan" and "inf" parse as floats; a NaN fails every comparison, so these are written to be false for it.
-    if not (0 <= args.temperature < math.inf):
-        parser.error(f"--temperature {args.temperature} is not a finite number >= 0 (0 is greedy)")
-    if not (0 < args.top_p <= 1):
-        parser.error(f"--top-p {args.top_p} is outside (0, 1]")
-    threads = set_threads(args.threads)
-    print(f"[model] {args.model}, threads {threads}", file=sys.stderr)
-
-    model, tokenizer = load(args.model, device=args.device)
-    if args.raw:
-        prompt = tokenizer.encode(args.prompt)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        prompt = tokenizer.encode_chat(messages)
-    start = time.perf_counter()
-    result = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    seconds = time.perf_counter() - start
-    print(result.texts[0])
-    print(f"[model] {result.n_generated} tokens in {seconds:.2f} s, {result.n_generated / seconds:.1f} tok/s "
-          f"({model.embed.weight.dtype}, {model.embed.weight.device})", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import model as m
+import generate as gen
 
 # ----------------------------------------------------------------------------------------------
 # Sums over the processes of a data-parallel run; with one process they change nothing.
@@ -81,13 +81,10 @@ def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_si
             temperature: float = 0.0, seed: int | None = None) -> Rollouts:
     """Generate with z merged into the weights (zero per-token overhead), then score each reply."""
     prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
-    completions, texts = [], []
     with svf.merged():
-        for start in range(0, len(prompts), batch_size):
-            out = m.generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=None if seed is None else seed + start)
-            completions += out.tokens
-            texts += out.texts
+        out = gen.generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                           temperature=temperature, seed=seed)
+    completions, texts = out.tokens, out.texts
     correct = task.score_many(examples, texts)
     rewards = torch.tensor([task.reward(c) for c in correct], dtype=torch.float32)
     return Rollouts(prompts, completions, texts, correct, rewards)

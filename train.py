@@ -36,6 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluate
+import generate as gen
 import model as m
 import reinforce
 import svf as svf_lib
@@ -117,6 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the SVF training forward and the decode step of the rollouts and "
                         "evaluations (auto: on a GPU; on a CPU it did not help in bench/svf.py)")
+    p.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
     p.add_argument("--label-rule", choices=("strict", "lenient"),
                    help="--task cls only: how a reply names its category, for the reward: strict, boxed only (the "
                         "paper's rule); lenient (default), else the first category word")
@@ -238,8 +240,8 @@ CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step"
 # another number of processes each rolls out another share (with --temperature > 0, other samples). Every
 # other setting changes what is trained or how it is chosen and measured, and must match; --steps too,
 # since the cosine schedule decays to 0 over the total, so another total would be neither run.
-RESUME_MAY_DIFFER = {"device", "threads", "compile", "micro_batch", "gen_batch", "processes", "out", "command",
-                     "resume", "overwrite"}
+RESUME_MAY_DIFFER = {"device", "threads", "compile", "dtype", "weights_dtype", "micro_batch", "gen_batch", "processes",
+                     "out", "command", "resume", "overwrite"}
 
 
 def resume_state(path: Path, config: dict) -> dict:
@@ -380,9 +382,11 @@ def main(argv=None):
     train_set, valid_set = task.load("train"), task.load(VALID_SPLIT)[: config["eval_limit"]]
     test_set = task.load("test")[: config["test_limit"]]
     steps = config["steps"] or max(int(config["epochs"] * len(train_set) / config["batch_size"]), 1)
-    model, tokenizer = m.load(config["model"], device=config["device"])
+    model, tokenizer = m.load(config["model"], dtype=m.DTYPES[config["dtype"]], device=config["device"],
+                              probe_rows=config["gen_batch"])
+    config["weights_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     if config["compile"]:
-        m.compile_decode(model)
+        gen.compile_decode()
     torch.manual_seed(config["seed"])
     if config["method"] == "lora":
         svf = LoRA(model, seed=config["seed"])

@@ -1,10 +1,12 @@
-"""Generation speed: model.generate against transformers' generate, same model, dtype, threads and prompts.
+"""Generation speed: generate.generate against transformers' generate, same model, dtype, threads and prompts.
 
     python bench/generate.py                      # batch 1 x 128 tokens and 32 prompts x 256 tokens
     python bench/generate.py --batch 8 --batch-tokens 64
-    python bench/generate.py --compiled           # also model.py with its torch.compile'd decode step
+    python bench/generate.py --compiled           # also generate.py with its torch.compile'd decode step
 
-Both sides generate exactly the requested number of tokens (EOS is ignored), greedy. Also printed: the
+Both sides generate exactly the requested number of tokens (EOS is ignored), greedy: the raw decode
+speed at one dtype. What RL and evaluation see (real prompts, EOS honoured, fp32 and bf16) is
+bench/rollout.py. Also printed: the
 weight bytes one decode step must read, the machine's measured memory bandwidth, and the tok/s that
 bandwidth allows at batch 1 (the ceiling no implementation beats on this machine).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import generate as gen  # noqa: E402
 import model as m  # noqa: E402
 
 QUESTIONS = [
@@ -58,7 +61,7 @@ def prompts_for(tokenizer, n: int) -> list[list[int]]:
 def time_ours(model, tokenizer, prompts, new_tokens):
     tokenizer.eos_ids = []  # fixed length: never stop early
     start = time.perf_counter()
-    out = m.generate(model, tokenizer, prompts, max_new_tokens=new_tokens)
+    out = gen.generate(model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=len(prompts))
     seconds = time.perf_counter() - start
     assert all(len(t) == new_tokens for t in out.tokens)
     return len(prompts) * new_tokens / seconds
@@ -88,7 +91,7 @@ def main():
     parser.add_argument("--batch-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compiled", action="store_true",
-                        help="also time model.py with the compiled decode step (model.compile_decode), warmed up "
+                        help="also time the compiled decode step (generate.compile_decode), warmed up "
                              "and compiled at the timed shapes first")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -111,10 +114,10 @@ def main():
         theirs = time_transformers(hf_model, prompts, new, pad_id)
         compiled = None
         if args.compiled:
-            m.compile_decode(model)
+            gen.compile_decode()
             time_ours(model, tokenizer, prompts, new)  # compiles for these shapes
             compiled = time_ours(model, tokenizer, prompts, new)
-            model.compiled_decode = None
+            gen.use_eager_decode()
         rows.append((f"{label} x {new} new tokens", ours, theirs, compiled))
 
     step_bytes = decode_step_bytes(model)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import generate as gen  # noqa: E402
 import model as m  # noqa: E402
 
 SHAPES = {
@@ -78,14 +79,14 @@ def correctness(device):
             return
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-        batched = m.generate(ours, tok, prompts, max_new_tokens=12)
-        single = [m.generate(ours, tok, [p], max_new_tokens=12).tokens[0] for p in prompts]
-        print(f"batched ragged greedy == one at a time (fp32, {device}): {batched.tokens == single}")
+        batched = gen.generate(ours, tok, prompts, max_new_tokens=12, batch_size=2)
+        single = [gen.generate(ours, tok, [p], max_new_tokens=12).tokens[0] for p in prompts]
+        print(f"continuous batching, ragged, greedy == one at a time (fp32, {device}): {batched.tokens == single}")
         for mode in (None, "reduce-overhead"):
-            m.compile_decode(ours, mode=mode)
-            compiled = m.generate(ours, tok, prompts, max_new_tokens=12)
+            gen.compile_decode(mode=mode)
+            compiled = gen.generate(ours, tok, prompts, max_new_tokens=12, batch_size=2)
             print(f"compiled decode step ({mode or 'default'}) greedy == eager (fp32, {device}): {compiled.tokens == batched.tokens}")
-        ours.compiled_decode = None
+        gen.use_eager_decode()
 
 
 def random_model(config: dict, device, dtype=torch.bfloat16):
@@ -106,10 +107,10 @@ def random_model(config: dict, device, dtype=torch.bfloat16):
 
 def time_generate(model, batch, prompt_len, new_tokens):
     prompts = [torch.randint(0, model.args.vocab_size, (prompt_len,)).tolist() for _ in range(batch)]
-    m.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens)  # warm-up (and compilation) at the same shapes
+    gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=batch)  # warm-up (and compilation)
     sync()
     start = time.perf_counter()
-    m.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens)
+    gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=batch)
     sync()
     return batch * new_tokens / (time.perf_counter() - start)
 
@@ -133,17 +134,17 @@ def speed(name, config, quick, compile_modes=("default", "reduce-overhead")):
     print(f"weights {weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 decode bound "
           f"{bandwidth / weight_bytes:.0f} tok/s; prefill 1x512: {prefill_tps:,.0f} tok/s")
     # Eager decoding, then the torch.compile'd step that evaluate.py / adapt.py / train.py use on a GPU
-    # (model.compile_decode), then with CUDA graphs; each warmed up (and compiled) at the timed shapes.
+    # (generate.compile_decode), then with CUDA graphs; each warmed up (and compiled) at the timed shapes.
     for mode in ("eager", *compile_modes):
-        model.compiled_decode = None
+        gen.use_eager_decode()
         if mode != "eager":
-            m.compile_decode(model, mode=None if mode == "default" else mode)
+            gen.compile_decode(mode=None if mode == "default" else mode)
         start = time.perf_counter()
         single = time_generate(model, 1, 32, 64 if quick else 128)
         batched = time_generate(model, 32, 32, 64 if quick else 256)
         print(f"decode {mode:>15}: batch 1 {single:.1f} tok/s ({single * weight_bytes / bandwidth:.0%} of the bound) | "
               f"batch 32 {batched:.0f} tok/s aggregate | {time.perf_counter() - start:.0f} s with warm-up and compilation")
-    model.compiled_decode = None
+    gen.use_eager_decode()
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del model
     torch.cuda.empty_cache()

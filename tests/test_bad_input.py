@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import adapt
 import evaluate
+import generate as gen
 import lora
 import model as m
 import svf
@@ -39,7 +40,7 @@ def run_main(monkeypatch, script, argv):
 
 EVALUATE = ["--task", "gsm8k", "--threads", "1"]
 ADAPT = ["--mode", "none", "--task", "gsm8k", "--threads", "1"]
-MODEL = ["--threads", "1"]
+GENERATE = ["--threads", "1"]
 
 BAD_COMMAND_LINES = [
     (evaluate, EVALUATE, "--limit", "-1"),
@@ -53,15 +54,15 @@ BAD_COMMAND_LINES = [
     (adapt, ADAPT, "--shots", "0"),
     (adapt, ADAPT, "--batch-size", "0"),
     (adapt, ADAPT, "--threads", "0"),
-    (m, MODEL, "--max-new-tokens", "0"),
-    (m, MODEL, "--temperature", "-0.5"),
-    (m, MODEL, "--temperature", "nan"),
-    (m, MODEL, "--temperature", "inf"),
-    (m, MODEL, "--top-p", "0"),
-    (m, MODEL, "--top-p", "1.5"),
-    (m, MODEL, "--top-p", "nan"),
-    (m, MODEL, "--threads", "0"),
-    (m, MODEL, "--threads", "-2"),
+    (gen, GENERATE, "--max-new-tokens", "0"),
+    (gen, GENERATE, "--temperature", "-0.5"),
+    (gen, GENERATE, "--temperature", "nan"),
+    (gen, GENERATE, "--temperature", "inf"),
+    (gen, GENERATE, "--top-p", "0"),
+    (gen, GENERATE, "--top-p", "1.5"),
+    (gen, GENERATE, "--top-p", "nan"),
+    (gen, GENERATE, "--threads", "0"),
+    (gen, GENERATE, "--threads", "-2"),
 ]
 
 
@@ -77,8 +78,8 @@ def test_out_of_range_flag_is_an_argparse_error(monkeypatch, capsys, script, bas
 @pytest.mark.parametrize("script, argv", [
     (evaluate, [*EVALUATE, "--limit", "1", "--batch-size", "1", "--max-new-tokens", "1"]),
     (adapt, [*ADAPT, "--limit", "1", "--shots", "1", "--batch-size", "1"]),
-    (m, [*MODEL, "--max-new-tokens", "1", "--temperature", "0", "--top-p", "1"]),
-    (m, [*MODEL, "--temperature", "0.7", "--top-p", "0.01"]),
+    (gen, [*GENERATE, "--max-new-tokens", "1", "--temperature", "0", "--top-p", "1"]),
+    (gen, [*GENERATE, "--temperature", "0.7", "--top-p", "0.01"]),
 ], ids=["evaluate", "adapt", "model-greedy", "model-sampling"])
 def test_smallest_allowed_values_reach_the_model(monkeypatch, script, argv):
     with pytest.raises(ModelLoaded):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import generate as gen
 import model as m
 
 PARAGRAPH = (
@@ -24,7 +25,7 @@ def default_model():
 def test_golden_greedy_answer(default_model):
     model, tokenizer = default_model
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    out = m.generate(model, tokenizer, [prompt], max_new_tokens=20)
+    out = gen.generate(model, tokenizer, [prompt], max_new_tokens=20)
     assert "Paris" in out.texts[0]
     assert out.finish == ["eos"]
 

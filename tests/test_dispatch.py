@@ -7,6 +7,7 @@ import torch
 import cem
 import dispatch
 import evaluate
+import generate as gen
 import model as m
 import svf as svf_lib
 import tasks
@@ -55,7 +56,7 @@ def two_pass(sharp_tiny_llama, tmp_path):
 def replies_with(two, task, examples, expert):
     prompts = [two.tokenizer.encode_chat(task.messages(e)) for e in examples]
     with two.use(expert):
-        return two.generate(prompts, task.max_new_tokens, progress=False)[0]
+        return two.generate(prompts, task.max_new_tokens, progress=False).texts
 
 
 def test_experts_are_named_by_their_task(two_pass):
@@ -65,7 +66,7 @@ def test_experts_are_named_by_their_task(two_pass):
 def test_prompt_strategy_routes_each_prompt_and_others_use_the_base_weights(two_pass, monkeypatch):
     pass1 = ["Classification: `\\boxed{math}`", "\\boxed{ Code }", "\\boxed{others}", "I think it is reasoning",
              "\\boxed{\\text{Reasoning}}", "\\boxed{poetry}"]
-    monkeypatch.setattr(two_pass, "generate", lambda prompts, n, **kw: (pass1, None, None))
+    monkeypatch.setattr(two_pass, "generate", lambda prompts, n, **kw: gen.Generation(pass1, [], []))
     choices, _ = two_pass.classify(["q"] * len(pass1), with_classifier=False)
     assert choices == ["math", "code", None, None, "reasoning", None]  # no box -> base, unknown -> base
     lenient, _ = two_pass.classify(["q"] * len(pass1), with_classifier=False, strict=False)
@@ -138,7 +139,7 @@ def test_two_pass_with_one_expert_equals_evaluating_it_directly(two_pass, sharp_
     model, tokenizer = m.load(sharp_tiny_llama, device="cpu")
     svf_lib.apply_expert(model, tmp_path / "experts" / "gsm8k.safetensors")
     prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
-    direct, _, _ = evaluate.generate_replies(model, tokenizer, prompts, 5, task.max_new_tokens, progress=False)
+    direct = gen.generate(model, tokenizer, prompts, task.max_new_tokens, batch_size=5).texts
     assert two_pass_replies == direct
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import generate as gen
 import model as m
 from conftest import ROOT
 
@@ -36,12 +37,12 @@ class EchoTask:
 
 
 def test_batched_evaluation_keeps_prompt_order(tiny_llama):
-    """Prompts are sorted by length for batching; every reply must come back to its own example."""
+    """Rows are refilled as replies end; every reply must come back to its own example."""
     model, tokenizer = m.load(tiny_llama, device="cpu")
     tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     questions = ["w5 w6 w7 w8 w9 w10 w11", "w3", "w20 w21 w22", "w40 w41 w42 w43 w44", "w90 w91"]
     examples = [{"id": i, "question": q} for i, q in enumerate(questions)]
-    expected = {i: m.generate(model, tokenizer, [tokenizer.encode(q)], max_new_tokens=6).texts[0]
+    expected = {i: gen.generate(model, tokenizer, [tokenizer.encode(q)], max_new_tokens=6).texts[0]
                 for i, q in enumerate(questions)}
     expected[3] = "a reply the model does not give"
     result = evaluate.evaluate(model, tokenizer, EchoTask(expected), examples, batch_size=2, progress=False)

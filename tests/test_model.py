@@ -1,5 +1,5 @@
-"""model.py against transformers on tiny random configs, the KV cache against a full forward,
-batched generation against one prompt at a time, and the errors for bad input."""
+"""model.py against transformers on tiny random configs, left padding against none, loading and the
+errors for bad input. The KV cache and generation: test_generate.py."""
 
 import json
 import shutil
@@ -43,83 +43,6 @@ def test_left_padding_matches_unpadded(tiny_llama):
     padded = torch.cat([torch.full((1, 5), 2), row], dim=1)
     both = model(padded, pad=torch.tensor([5]))
     assert torch.allclose(both[:, 5:], alone, atol=1e-10)
-
-
-def test_kv_cache_decode_equals_full_forward(tiny_llama):
-    model, _ = m.load(tiny_llama, dtype=torch.float64, device="cpu")
-    tokens = torch.randint(3, 96, (3, 20), generator=torch.Generator().manual_seed(2))
-    pad = torch.tensor([0, 4, 7])
-    tokens[1, :4] = 2
-    tokens[2, :7] = 2
-    full = model(tokens, pad=pad)
-    model.setup_cache(3, 20)
-    try:
-        stepwise = [m.prefill(model, tokens[:, :12], pad)]
-        for t in range(12, 20):
-            stepwise.append(m.decode_one_token(model, tokens[:, t], pad, t))
-    finally:
-        model.clear_cache()
-    stepwise = torch.stack(stepwise[:-1], dim=1)  # logits predicting tokens 12..19
-    assert torch.allclose(stepwise, full[:, 11:19], atol=1e-10)
-
-
-def test_batched_ragged_generation_equals_one_at_a_time(tiny_llama):
-    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-    batched = m.generate(model, tokenizer, prompts, max_new_tokens=12, return_logprobs=True)
-    for i, prompt in enumerate(prompts):
-        single = m.generate(model, tokenizer, [prompt], max_new_tokens=12, return_logprobs=True)
-        assert batched.tokens[i] == single.tokens[0]
-        assert batched.texts[i] == single.texts[0]
-        assert torch.allclose(batched.logprobs[i], single.logprobs[0], atol=1e-8)
-
-
-def test_generated_logprobs_equal_full_forward(tiny_llama):
-    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
-    prompt = [5, 9, 17, 33]
-    out = m.generate(model, tokenizer, [prompt], max_new_tokens=8, temperature=1.0, seed=0, return_logprobs=True)
-    sequence = torch.tensor([prompt + out.tokens[0]])
-    logp = torch.log_softmax(model(sequence)[0, len(prompt) - 1 : -1], dim=-1)
-    expected = logp.gather(-1, torch.tensor(out.tokens[0])[:, None]).squeeze(-1)
-    assert torch.allclose(out.logprobs[0], expected, atol=1e-10)
-
-
-def test_sampling_is_seeded(tiny_llama):
-    model, tokenizer = m.load(tiny_llama, device="cpu")
-    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9)
-    a = m.generate(model, tokenizer, [[5, 6, 7]] * 4, seed=1, **kw)
-    b = m.generate(model, tokenizer, [[5, 6, 7]] * 4, seed=1, **kw)
-    c = m.generate(model, tokenizer, [[5, 6, 7]] * 4, seed=2, **kw)
-    assert a.tokens == b.tokens
-    assert a.tokens != c.tokens
-
-
-def test_top_p_keeps_only_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = {m.sample_next(logits, 1.0, 0.7, g).item() for _ in range(200)}
-    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
-
-
-def test_stop_on_eos_and_stop_strings(tiny_llama):
-    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
-    free = m.generate(model, tokenizer, [[5, 6, 7]], max_new_tokens=10)
-    assert free.finish == ["length"] and len(free.tokens[0]) == 10
-    # Stop at the third generated word: the text is cut before it, and the tokens end with it.
-    third = tokenizer.decode([free.tokens[0][2]])
-    first_hit = free.texts[0].find(third)
-    stopped = m.generate(model, tokenizer, [[5, 6, 7], [5, 6, 7, 8]], max_new_tokens=10, stop=[third], check_every=1)
-    assert stopped.finish[0] == "stop"
-    assert stopped.texts[0] == free.texts[0][:first_hit]
-    # EOS: an output layer under which </s> is always the most likely token.
-    class AlwaysEOS(torch.nn.Module):
-        def forward(self, x):
-            return torch.nn.functional.one_hot(torch.full(x.shape[:-1], 2), 96).to(x.dtype)
-
-    model.lm_head = AlwaysEOS()
-    eos = m.generate(model, tokenizer, [[5, 6, 7]], max_new_tokens=10)
-    assert eos.finish == ["eos"] and eos.tokens == [[2]] and eos.texts == [""]
 
 
 # ---- configuration and loading errors
@@ -247,39 +170,6 @@ def test_chat_template_matches_transformers(tmp_path):
         for msgs in (messages, messages[1:]):
             for add in (True, False):
                 assert ours.render_chat(msgs, add) == reference.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add)
-
-
-def check_against_full_forward(model, prompts, out, atol=1e-8):
-    """Every generated token's log-probability equals the full forward's (no cache) on prompt + reply,
-    and greedy decoding picked its argmax."""
-    for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
-        sequence = torch.tensor([prompt + tokens])
-        logp = torch.log_softmax(model(sequence)[0, len(prompt) - 1 : -1], dim=-1)
-        assert torch.allclose(logprobs, logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), atol=atol)
-        assert tokens == logp.argmax(dim=-1).tolist()
-
-
-@pytest.mark.parametrize("family", ["llama", "mistral_window"])
-def test_tensor_slot_decode_equals_full_forward(family, tmp_path):
-    """The compiled decode step's path (slot as a tensor, the whole rounded-up cache attended with a
-    mask), run eagerly, on ragged prompts and past a sliding window."""
-    tiny_hf_model(family.split("_")[0], tmp_path, **FAMILIES[family])
-    model, tokenizer = m.load(tmp_path, dtype=torch.float64, device="cpu")
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-    model.compiled_decode = m.decode_one_token  # the step generate() would compile
-    out = m.generate(model, tokenizer, prompts, max_new_tokens=14, return_logprobs=True)
-    assert [len(t) for t in out.tokens] == [14] * 4  # no row stopped early: every step ran
-    check_against_full_forward(model, prompts, out)
-
-
-@pytest.mark.slow
-def test_compiled_decode_equals_full_forward(tiny_llama):
-    model, tokenizer = m.load(tiny_llama, dtype=torch.float32, device="cpu")
-    m.compile_decode(model)
-    prompts = [[5, 9, 17, 33], [7, 8]]
-    out = m.generate(model, tokenizer, prompts, max_new_tokens=10, return_logprobs=True)
-    check_against_full_forward(model, prompts, out, atol=1e-4)
 
 
 def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):

@@ -1,0 +1,215 @@
+"""generate.py: the KV cache's prefill and decode against a full forward, continuous batching against
+transformers' generate one prompt at a time, log-probabilities, stop strings, seeded sampling, the
+fixed-shape (compiled) path, and the CPU dtype probe."""
+
+import pytest
+import torch
+
+import generate as gen
+import model as m
+from conftest import tiny_hf_model
+
+FAMILIES = {"llama": {}, "mistral_window": dict(sliding_window=8), "qwen2": dict(tie_word_embeddings=True)}
+
+
+def random_prompts(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_per_row_decode_equal_full_forward(family, tmp_path):
+    """Ragged prompts prefilled right-padded into chosen cache rows, then decoded one token per row at each
+    row's own position (rows moved as generate() moves them): every logit equals the full forward's on
+    that row alone, also past the sliding window."""
+    tiny_hf_model(family.split("_")[0], tmp_path, **FAMILIES[family])
+    model, _ = m.load(tmp_path, dtype=torch.float64, device="cpu")
+    sequences = random_prompts((20, 14, 17), seed=2)
+    prompt_lengths = [9, 3, 12]
+    expected = [model(torch.tensor([s]))[0] for s in sequences]  # (T, vocab) each, no cache
+    model.setup_cache(4, 24)
+    try:
+        rows = torch.tensor([3, 0, 1])  # cache rows in another order than the prompts
+        prompts = [s[:n] for s, n in zip(sequences, prompt_lengths)]
+        logits = gen.prefill(model, prompts, rows, pad_id=2)
+        for i, n in enumerate(prompt_lengths):
+            assert torch.allclose(logits[i], expected[i][n - 1], atol=1e-10)
+        # Decode needs the active rows at 0..B-1: move row 3 to row 2's place, then rows are 0, 1, 2 for
+        # sequences 1, 2, 0.
+        model.move_cache_row(3, 2, prompt_lengths[0])
+        order, position = [1, 2, 0], [prompt_lengths[i] for i in (1, 2, 0)]
+        for _ in range(5):
+            tokens = torch.tensor([sequences[i][p] for i, p in zip(order, position)])
+            logits = gen.decode_one_token(model, tokens, torch.tensor(position), max(position) + 1)
+            for r, (i, p) in enumerate(zip(order, position)):
+                assert torch.allclose(logits[r], expected[i][p], atol=1e-10)
+            position = [p + 1 for p in position]
+    finally:
+        model.clear_cache()
+
+
+def reference_replies(hf_model, prompts, max_new_tokens, eos_id, max_len):
+    """transformers' greedy generate, one prompt at a time, cut at the first eos_id (included)."""
+    replies = []
+    for p in prompts:
+        budget = min(max_new_tokens, max_len - len(p))
+        ids = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                max_new_tokens=budget, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id)
+        reply = ids[0, len(p):].tolist()
+        replies.append(reply[: reply.index(eos_id) + 1] if eos_id in reply else reply)
+    return replies
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_continuous_batching_equals_transformers_one_prompt_at_a_time(batch_size, tmp_path):
+    """Nine ragged prompts through batch_size rows: rows end at different steps (an end-of-sequence token
+    the model often produces; prompts that nearly fill the 64-token context get fewer tokens) and their
+    rows are refilled. Each reply is transformers' greedy reply for its prompt alone."""
+    hf = tiny_hf_model("llama", tmp_path, max_position_embeddings=64).double()
+    model, tokenizer = m.load(tmp_path, dtype=torch.float64, device="cpu")
+    prompts = random_prompts((3, 11, 7, 1, 58, 61, 5, 20, 9), seed=3)
+    # An "end" token: the most frequent one in free replies, so that rows end at different steps.
+    free = gen.generate(model, tokenizer, prompts, max_new_tokens=12).tokens
+    end = max(range(96), key=lambda t: sum(reply.count(t) for reply in free))
+    tokenizer.eos_ids = [end]
+    expected = reference_replies(hf, prompts, 12, end, 64)
+    assert len({len(r) for r in expected}) >= 4  # the prompts' replies do end at different steps
+
+    out = gen.generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size, return_logprobs=True)
+    assert out.tokens == expected
+    assert out.finish == ["eos" if r[-1] == end else "length" for r in expected]
+    assert out.texts == [tokenizer.decode(r[:-1] if r[-1] == end else r) for r in expected]
+    assert out.n_generated == sum(map(len, expected))
+    check_against_full_forward(model, prompts, out)
+
+
+def check_against_full_forward(model, prompts, out, atol=1e-8):
+    """Every generated token's log-probability equals the full forward's (no cache) on prompt + reply,
+    and greedy decoding picked its argmax."""
+    for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
+        sequence = torch.tensor([prompt + tokens])
+        logp = torch.log_softmax(model(sequence)[0, len(prompt) - 1 : -1].double(), dim=-1)
+        assert torch.allclose(logprobs.double(), logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), atol=atol)
+        assert tokens == logp.argmax(dim=-1).tolist()
+
+
+def test_sampled_logprobs_equal_full_forward(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    prompts = random_prompts((4, 9, 2), seed=5)
+    out = gen.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, temperature=1.0, seed=0,
+                       return_logprobs=True)
+    for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
+        logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1], dim=-1)
+        assert torch.allclose(logprobs, logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), atol=1e-6)
+
+
+def test_sampling_is_seeded(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, device="cpu")
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, batch_size=3)
+    a = gen.generate(model, tokenizer, [[5, 6, 7]] * 8, seed=1, **kw)
+    b = gen.generate(model, tokenizer, [[5, 6, 7]] * 8, seed=1, **kw)
+    c = gen.generate(model, tokenizer, [[5, 6, 7]] * 8, seed=2, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert len(set(map(tuple, a.tokens))) > 1  # the samples of one prompt differ from each other
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {gen.sample_next(logits, 1.0, 0.7, g).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
+
+
+def test_stop_on_eos_and_stop_strings(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    free = gen.generate(model, tokenizer, [[5, 6, 7], [5, 6, 7, 8]], max_new_tokens=10)
+    assert free.finish == ["length", "length"] and len(free.tokens[0]) == 10
+    # Stop at the third generated word: the text is cut before it, and the tokens end with it.
+    third = tokenizer.decode([free.tokens[0][2]])
+    first_hit = free.texts[0].find(third)
+    stopped = gen.generate(model, tokenizer, [[5, 6, 7], [5, 6, 7, 8]], max_new_tokens=10, stop=[third], batch_size=1)
+    assert stopped.finish[0] == "stop"
+    assert stopped.texts[0] == free.texts[0][:first_hit]
+    assert stopped.tokens[0] == free.tokens[0][:3]
+    # The second prompt's reply is the same as without the stop string up to where it stops, if it does.
+    n = len(stopped.tokens[1])
+    assert stopped.tokens[1] == free.tokens[1][:n]
+    assert (stopped.finish[1] == "stop") == (third in free.texts[1])
+
+    # EOS: an output layer under which </s> is always the most likely token.
+    class AlwaysEOS(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full(x.shape[:-1], 2), 96).to(x.dtype)
+
+    model.lm_head = AlwaysEOS()
+    eos = gen.generate(model, tokenizer, [[5, 6, 7]], max_new_tokens=10)
+    assert eos.finish == ["eos"] and eos.tokens == [[2]] and eos.texts == [""]
+
+
+def test_a_prompt_that_fills_the_context_gets_an_empty_reply(tmp_path):
+    tiny_hf_model("llama", tmp_path, max_position_embeddings=16)
+    model, tokenizer = m.load(tmp_path, dtype=torch.float32, device="cpu")
+    out = gen.generate(model, tokenizer, random_prompts((16, 4), seed=6), max_new_tokens=5)
+    assert out.tokens[0] == [] and out.finish[0] == "length"
+    assert len(out.tokens[1]) == 5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+def test_fixed_shape_decode_equals_full_forward(family, tmp_path, monkeypatch):
+    """The compiled decode step's path (every cache row, the whole rounded-up cache attended with a
+    mask), run eagerly, on ragged prompts, rows ending and refilled, past a sliding window."""
+    tiny_hf_model(family.split("_")[0], tmp_path, **FAMILIES[family])
+    model, tokenizer = m.load(tmp_path, dtype=torch.float64, device="cpu")
+    prompts = random_prompts((3, 11, 7, 1, 6), seed=4)
+    free = gen.generate(model, tokenizer, prompts, max_new_tokens=14)
+    tokenizer.eos_ids = [free.tokens[2][5]]  # rows end at different steps
+    eager = gen.generate(model, tokenizer, prompts, max_new_tokens=14, batch_size=2, return_logprobs=True)
+    monkeypatch.setattr(gen, "compiled_decode", gen.decode_one_token)  # the step compile_decode would compile
+    fixed = gen.generate(model, tokenizer, prompts, max_new_tokens=14, batch_size=2, return_logprobs=True)
+    assert fixed.tokens == eager.tokens and len({len(t) for t in fixed.tokens}) > 1
+    check_against_full_forward(model, prompts, fixed)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_full_forward(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    gen.compile_decode()
+    try:
+        prompts = [[5, 9, 17, 33], [7, 8], [9]]
+        out = gen.generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=2, return_logprobs=True)
+    finally:
+        gen.use_eager_decode()
+    check_against_full_forward(model, prompts, out, atol=1e-4)
+
+
+def test_dtype_probe_leaves_a_trainable_model(tiny_llama, monkeypatch):
+    """load() with no dtype on a CPU with bf16 in hardware times both dtypes and keeps the faster; the
+    weights it leaves are ordinary tensors (gradients can flow through them), in one dtype."""
+    monkeypatch.delenv("T2_DTYPE", raising=False)
+    monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: True)
+    calls = []
+    real_probe = m.probe_cpu_dtype
+    monkeypatch.setattr(m, "probe_cpu_dtype", lambda model, rows: calls.append(rows) or real_probe(model, rows))
+    model, _ = m.load(tiny_llama, device="cpu", probe_rows=5)
+    assert calls == [5]
+    dtypes = {p.dtype for p in model.parameters()}
+    assert len(dtypes) == 1 and dtypes <= {torch.float32, torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32
+    x = model.embed.weight[:3].detach().clone().requires_grad_(True)
+    model.layers[0].mlp(x[None]).sum().backward()  # an inference-mode weight would refuse this
+    assert x.grad is not None
+
+
+def test_dtype_probe_picks_the_faster(tiny_llama, monkeypatch):
+    """The probe keeps whichever dtype its clock says is faster."""
+    model, _ = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    for slow, fast in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        def forward(tokens, slow=slow):  # a model whose cost depends on its weights' dtype
+            ticks[0] += 10 if model.embed.weight.dtype == slow else 1
+        ticks = [0]
+        monkeypatch.setattr(m.time, "perf_counter", lambda: ticks[0])
+        monkeypatch.setattr(model, "forward", forward)
+        chosen, seconds = m.probe_cpu_dtype(model, rows=4)
+        assert chosen == fast and model.embed.weight.dtype == fast
+        assert seconds == {slow: 10, fast: 1}
