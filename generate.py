@@ -21,7 +21,7 @@ import argparse
 import math
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -143,16 +143,15 @@ def generate(
     row_prompt: list[int] = []
     position: list[int] = []
     logits = None
+    repeats = Repeats(prompts)
     model.setup_cache(n_rows, cache_len)
     try:
         while waiting or row_prompt:
             # Fill the free rows with waiting prompts, all in one prefill.
             if waiting and len(row_prompt) < n_rows:
                 entering = [waiting.popleft() for _ in range(min(n_rows - len(row_prompt), len(waiting)))]
-                rows = torch.arange(len(row_prompt), len(row_prompt) + len(entering), device=device)
-                new_logits = prefill(model, [prompts[i] for i in entering], rows, tokenizer.pad_id)
+                new_logits = admit(model, prompts, entering, row_prompt, repeats, tokenizer.pad_id)
                 logits = new_logits if logits is None else torch.cat([logits, new_logits])
-                row_prompt += entering
                 position += [len(prompts[i]) for i in entering]
 
             tokens = sample_next(logits, temperature, top_p, generator)  # (n_active,)
@@ -179,7 +178,7 @@ def generate(
             for r in reversed(ended):
                 last = len(keep) - 1
                 if r != last:
-                    model.move_cache_row(last, r, position[last])
+                    model.copy_cache_row(last, r, position[last])
                     keep[r], row_prompt[r], position[r] = keep[last], row_prompt[last], position[last]
                 keep.pop(), row_prompt.pop(), position.pop()
             bar.update(len(ended))
@@ -214,6 +213,57 @@ def generate(
             texts.append(tokenizer.decode(reply))
     logprobs = [torch.tensor(lp, dtype=torch.float32) for lp in reply_logprobs] if return_logprobs else None
     return Generation(texts, replies, finish, logprobs, sum(map(len, replies)))
+
+
+class Repeats:
+    """A prompt given several times (K samples of one prompt, as group rollouts ask) is prefilled once:
+    later copies take the cache slots of a row that holds it and the logits its prefill gave. The logits
+    are kept while copies of the prompt are still to come."""
+
+    def __init__(self, prompts):
+        self.keys = [tuple(p) for p in prompts]
+        self.to_come = Counter(self.keys)
+        self.logits: dict[tuple, torch.Tensor] = {}
+
+    def entered(self, i: int, logits: torch.Tensor | None = None):
+        key = self.keys[i]
+        self.to_come[key] -= 1
+        if logits is not None and self.to_come[key] > 0:
+            self.logits[key] = logits
+        if self.to_come[key] == 0:
+            self.logits.pop(key, None)
+
+
+def admit(model, prompts, entering: list[int], row_prompt: list[int], repeats: Repeats, pad_id: int):
+    """Put the prompts `entering` into the next free cache rows (appended to row_prompt); returns the
+    logits for their first tokens (len(entering), vocab). One prefill for the prompts no row holds yet;
+    a repeat of a prompt some row holds copies that row's cache slots."""
+    device = model.embed.weight.device
+    holder = {repeats.keys[i]: r for r, i in enumerate(row_prompt)}  # a row holding each prompt now
+    first_row = len(row_prompt)
+    to_prefill = {}  # prompt -> its row, for prompts no row holds
+    for r, i in enumerate(entering, first_row):
+        key = repeats.keys[i]
+        if key not in holder and key not in to_prefill:
+            to_prefill[key] = r
+    row_prompt += entering
+    fresh = {}
+    if to_prefill:
+        rows = list(to_prefill.values())
+        out = prefill(model, [prompts[row_prompt[r]] for r in rows], torch.tensor(rows, device=device), pad_id)
+        fresh = dict(zip(rows, out))
+    logits = []
+    for r, i in enumerate(entering, first_row):
+        key = repeats.keys[i]
+        if r in fresh:
+            logits.append(fresh[r])
+            repeats.entered(i, fresh[r])
+        else:
+            source = holder.get(key, to_prefill.get(key))
+            model.copy_cache_row(source, r, len(prompts[i]))
+            logits.append(fresh[source] if source in fresh else repeats.logits[key])
+            repeats.entered(i)
+    return torch.stack(logits)
 
 
 def _stop_string_cut(tokenizer, reply: list[int], stop: list[str], cut: list, i: int) -> bool:

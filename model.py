@@ -190,8 +190,9 @@ class KVCache(nn.Module):
         self.v[rows, :, positions] = v[:, :, 0]
         return self.k[:B, :, :n_keys], self.v[:B, :, :n_keys]  # (B, n_kv_heads, n_keys, head_dim)
 
-    def move_row(self, source: int, target: int, length: int):
-        """Copy the first `length` slots of one row into another (a finished row's place is taken)."""
+    def copy_row(self, source: int, target: int, length: int):
+        """Copy the first `length` slots of one row into another: a row moving into a finished row's place,
+        or a repeated prompt taking the slots of a row that holds it."""
         self.k[target, :, :length] = self.k[source, :, :length]
         self.v[target, :, :length] = self.v[source, :, :length]
 
@@ -317,9 +318,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)
 
-    def move_cache_row(self, source: int, target: int, length: int):
+    def copy_cache_row(self, source: int, target: int, length: int):
         for layer in self.layers:
-            layer.attn.cache.move_row(source, target, length)
+            layer.attn.cache.copy_row(source, target, length)
 
     def clear_cache(self):
         for layer in self.layers:

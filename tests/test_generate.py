@@ -36,7 +36,7 @@ def test_prefill_and_per_row_decode_equal_full_forward(family, tmp_path):
             assert torch.allclose(logits[i], expected[i][n - 1], atol=1e-10)
         # Decode needs the active rows at 0..B-1: move row 3 to row 2's place, then rows are 0, 1, 2 for
         # sequences 1, 2, 0.
-        model.move_cache_row(3, 2, prompt_lengths[0])
+        model.copy_cache_row(3, 2, prompt_lengths[0])
         order, position = [1, 2, 0], [prompt_lengths[i] for i in (1, 2, 0)]
         for _ in range(5):
             tokens = torch.tensor([sequences[i][p] for i, p in zip(order, position)])
@@ -64,10 +64,12 @@ def reference_replies(hf_model, prompts, max_new_tokens, eos_id, max_len):
 def test_continuous_batching_equals_transformers_one_prompt_at_a_time(batch_size, tmp_path):
     """Nine ragged prompts through batch_size rows: rows end at different steps (an end-of-sequence token
     the model often produces; prompts that nearly fill the 64-token context get fewer tokens) and their
-    rows are refilled. Each reply is transformers' greedy reply for its prompt alone."""
+    rows are refilled; repeated prompts take a cache row's slots instead of a prefill. Each reply is
+    transformers' greedy reply for its prompt alone."""
     hf = tiny_hf_model("llama", tmp_path, max_position_embeddings=64).double()
     model, tokenizer = m.load(tmp_path, dtype=torch.float64, device="cpu")
     prompts = random_prompts((3, 11, 7, 1, 58, 61, 5, 20, 9), seed=3)
+    prompts = prompts[:3] + [prompts[1]] + prompts[3:] + [prompts[1], prompts[4]]  # repeats, some while a row holds one
     # An "end" token: the most frequent one in free replies, so that rows end at different steps.
     free = gen.generate(model, tokenizer, prompts, max_new_tokens=12).tokens
     end = max(range(96), key=lambda t: sum(reply.count(t) for reply in free))
@@ -94,13 +96,28 @@ def check_against_full_forward(model, prompts, out, atol=1e-8):
 
 
 def test_sampled_logprobs_equal_full_forward(tiny_llama):
+    """Sampled replies, among them several of one prompt sharing its prefill: each token's log-probability
+    is the full forward's on that reply."""
     model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
-    prompts = random_prompts((4, 9, 2), seed=5)
+    prompts = random_prompts((4, 9, 2), seed=5) * 3
     out = gen.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, temperature=1.0, seed=0,
                        return_logprobs=True)
     for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
         logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1], dim=-1)
         assert torch.allclose(logprobs, logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), atol=1e-6)
+
+
+def test_a_repeated_prompt_is_prefilled_once(tiny_llama, monkeypatch):
+    """Eight samples each of two prompts through 4 rows: each wave of rows entering prefills one row and
+    the others copy its slots, or those of a row still holding the prompt (16 rows prefilled without it)."""
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    prefilled = []
+    real_prefill = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda tokens, *a: prefilled.append(len(tokens)) or real_prefill(tokens, *a))
+    prompts = [[5, 6, 7]] * 8 + [[9, 10]] * 8
+    out = gen.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4, temperature=1.0, seed=0)
+    assert set(prefilled) == {1} and len(prefilled) <= 4
+    assert len(set(map(tuple, out.tokens[:8]))) > 1  # the samples differ
 
 
 def test_sampling_is_seeded(tiny_llama):
