@@ -50,10 +50,18 @@ def sample_next(logits, temperature: float, top_p: float, generator):
         # Keep the smallest set of most likely tokens whose mass reaches top_p.
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return order.gather(-1, draw(sorted_probs.masked_fill(outside, 0.0), generator)).squeeze(-1)
+    return draw(probs, generator).squeeze(-1)
+
+
+def draw(weights, generator):
+    """(B, n) non-negative weights -> (B, 1) indices drawn in proportion to them, by inverting each row's
+    cumulative sum at one uniform number. One random number per row: torch.multinomial draws one per
+    vocabulary entry, and was a quarter of a sampled decode step on a CPU."""
+    cdf = weights.double().cumsum(dim=-1)  # fp64: no rounding drift over a 100k-token vocabulary
+    u = torch.rand(len(weights), 1, generator=generator, dtype=torch.float64, device=weights.device)
+    # The first index whose cumulative weight exceeds u·total: an entry of weight 0 is never drawn.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=weights.shape[-1] - 1)
 
 
 def prefill(model, prompts: list[list[int]], rows: torch.Tensor, pad_id: int):

@@ -138,6 +138,18 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
 
 
+def test_draw_follows_the_weights():
+    """20,000 draws from weights 5 : 3 : 1.5 : 0.5 : 0 (two rows, one scaled): each frequency within 0.01 of
+    its probability (about 4 standard errors), and the zero-weight entry never."""
+    weights = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [5.0, 3.0, 1.5, 0.5, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([gen.draw(weights, g) for _ in range(10_000)], dim=1)  # (2, 10000)
+    for row in draws:
+        frequency = torch.bincount(row, minlength=5).double() / len(row)
+        assert torch.allclose(frequency, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64), atol=0.01)
+        assert frequency[4] == 0
+
+
 def test_stop_on_eos_and_stop_strings(tiny_llama):
     model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
     free = gen.generate(model, tokenizer, [[5, 6, 7], [5, 6, 7, 8]], max_new_tokens=10)
