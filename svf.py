@@ -12,7 +12,7 @@ Both start at (or, for mask, within noise of) the base model. The mask's rescale
     svf = SVF(model, targets="mlp")          # decompose (cached on disk), swap in SVFLinear layers
     loss = ...model(tokens)...               # factored forward, gradients reach z only
     with svf.merged():                       # dense W' in the weights for generation: no per-token cost
-        model.generate(...)
+        generate.generate(model, ...)
     with svf.disabled():                     # the base model, same weights, for the KL term
         ...
     svf.save_expert("experts/math.safetensors", task="gsm8k")
