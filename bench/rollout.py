@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# The repository first, and not this folder: bench/generate.py must never stand in for ROOT/generate.py.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+from decode_speed import left_padded  # noqa: E402  (bench/, this script's folder)
 import generate as gen  # noqa: E402
 import model as m  # noqa: E402
 import reinforce  # noqa: E402
@@ -115,17 +115,11 @@ def run_hf(model, tokenizer, prompts, w):
     sampling = dict(do_sample=True, temperature=w["temperature"], top_k=0, top_p=1.0) if w["temperature"] > 0 \
         else dict(do_sample=False)
     for s in range(0, len(prompts), B):
-        batch = prompts[s:s + B]
-        longest = max(map(len, batch))
-        ids = torch.full((len(batch), longest), pad_id)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for i, p in enumerate(batch):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
+        ids, mask = left_padded(prompts[s:s + B], pad_id)
         torch.manual_seed(SEED + s)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=w["tokens"], pad_token_id=pad_id,
                              eos_token_id=tokenizer.eos_ids, **sampling)
-        tokens += out[:, longest:].tolist()
+        tokens += out[:, ids.shape[1]:].tolist()
     return tokens
 
 

@@ -1,8 +1,8 @@
 """Generation speed: generate.generate against transformers' generate, same model, dtype, threads and prompts.
 
-    python bench/generate.py                      # batch 1 x 128 tokens and 32 prompts x 256 tokens
-    python bench/generate.py --batch 8 --batch-tokens 64
-    python bench/generate.py --compiled           # also generate.py with its torch.compile'd decode step
+    python bench/decode_speed.py                      # batch 1 x 128 tokens and 32 prompts x 256 tokens
+    python bench/decode_speed.py --batch 8 --batch-tokens 64
+    python bench/decode_speed.py --compiled           # also generate.py with its torch.compile'd decode step
 
 Both sides generate exactly the requested number of tokens (EOS is ignored), greedy: the raw decode
 speed at one dtype. What RL and evaluation see (real prompts, EOS honoured, fp32 and bf16) is
@@ -67,13 +67,20 @@ def time_ours(model, tokenizer, prompts, new_tokens):
     return len(prompts) * new_tokens / seconds
 
 
-def time_transformers(hf_model, prompts, new_tokens, pad_id):
+def left_padded(prompts, pad_id):
+    """Token prompts as transformers' generate takes a batch: left-padded ids and their attention mask (B, T)."""
     longest = max(map(len, prompts))
     ids = torch.full((len(prompts), longest), pad_id)
     mask = torch.zeros(len(prompts), longest, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
+    return ids, mask
+
+
+def time_transformers(hf_model, prompts, new_tokens, pad_id):
+    ids, mask = left_padded(prompts, pad_id)
+    longest = ids.shape[1]
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
