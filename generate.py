@@ -269,7 +269,7 @@ def admit(model, prompts, entering: list[int], row_prompt: list[int], repeats: R
         else:
             source = holder.get(key, to_prefill.get(key))
             model.copy_cache_row(source, r, len(prompts[i]))
-            logits.append(fresh[source] if source in fresh else repeats.logits[key])
+            logits.append(repeats.logits[key])  # kept when its first row entered, a copy being still to come
             repeats.entered(i)
     return torch.stack(logits)
 
