@@ -3,8 +3,12 @@
     J(z) = E[ log π_{W'}(ŷ | x) · A ] − λ · KL(π_{W'} ‖ π_W)
 
 One step: (1) rollouts — the current z merged into the weights, batched generation with the KV cache,
-no gradients; (2) rewards r ∈ {−1, +1} from the task's exact scorer; (3) advantages A = r − mean(r)
-(--baseline mean, the default) or A = r (--baseline none, the paper's exact setting); (4) the loss on
+no gradients; K replies per prompt (K = 1 and greedy is the paper's setting; K > 1 samples at a
+temperature); (2) rewards r ∈ {−1, +1} from the task's exact scorer; (3) advantages, one of
+    --baseline none    A = r                          the paper's exact setting
+    --baseline mean    A = r − mean(r) over the batch
+    --baseline group   A_i = r_i − mean of the other K−1 replies to the same prompt (leave-one-out, RLOO)
+optionally divided by the std of the prompt's K rewards (--scale-by-std, as GRPO); (4) the loss on
 the generated tokens, through the factored SVF forward so gradients reach z only, accumulated over
 micro-batches; (5) gradient clipping and an AdamW update.
 
@@ -12,6 +16,15 @@ Why a baseline by default: with A = r and a model that is right less than half t
 rewards are −1 and every update pushes down whatever the model said, well-formed answers included.
 On the default model this collapsed ARC-Easy validation accuracy from 0.21 to 0.06 in 25 steps
 (docs/findings.md). The paper's base models were right 40–90% of the time, so it did not show there.
+
+Why a group baseline: with one reply per prompt, the batch mean compares replies to different
+questions, so it rewards whatever is right on average; on ARC with a weak model that is one answer
+letter (every batch-mean ARC expert learnt to answer "A"). The K replies to one prompt share its
+difficulty, so r_i minus their mean leaves only what this reply did better or worse than the others on
+the same question. Leave-one-out rather than the group mean including r_i: the baseline then does not
+depend on the reply it judges (unbiased, as RLOO); the including mean gives the same direction scaled
+by (K−1)/K (half at K = 2), so between the two only the effective learning rate differs. A prompt whose
+K replies all score the same gives no gradient; the share of such groups is logged (`equal_groups`).
 
 Data parallel (torchrun, see train.py): each process rolls out its share of the global batch; the
 baseline's mean reward, the batch size that weighs each micro-batch and the gradients are summed over
@@ -66,20 +79,49 @@ class Rollouts:
     texts: list[str]
     correct: list[bool]
     rewards: torch.Tensor  # (B,) ±1
+    group_size: int = 1  # replies per prompt; the K replies to one prompt are consecutive
 
-    def advantages(self, baseline: str) -> torch.Tensor:
+    def groups(self) -> torch.Tensor:
+        """Rewards as (prompts, K)."""
+        return self.rewards.view(-1, self.group_size)
+
+    def equal_groups(self) -> int:
+        """Prompts whose K replies all got the same reward: under the group baseline they give no gradient."""
+        r = self.groups()
+        return int((r == r[:, :1]).all(1).sum())
+
+    def advantages(self, baseline: str, scale_by_std: bool = False) -> torch.Tensor:
         if baseline == "mean":
             total, count = all_reduce_sum([self.rewards.sum().item(), len(self.rewards)]).tolist()
-            return self.rewards - total / count  # the mean over the global batch
-        if baseline == "none":
-            return self.rewards
-        raise ValueError(f"unknown baseline {baseline!r}: mean or none")
+            advantages = self.rewards - total / count  # the mean over the global batch
+        elif baseline == "none":
+            advantages = self.rewards
+        elif baseline == "group":
+            K = self.group_size
+            if K < 2:
+                raise ValueError("the group baseline needs at least 2 replies per prompt (--samples 2 or more)")
+            r = self.groups()
+            others = (r.sum(1, keepdim=True) - r) / (K - 1)  # mean of the other K−1 replies to the prompt
+            advantages = (r - others).reshape(-1)
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}: group, mean or none")
+        if scale_by_std:
+            if baseline != "group":
+                raise ValueError("--scale-by-std divides each prompt's advantages by the std of its replies' rewards: "
+                                 "it goes with --baseline group")
+            std = self.groups().std(1, keepdim=True).expand(-1, self.group_size).reshape(-1)
+            advantages = advantages / std.clamp(min=1e-6)  # an all-equal group has A = 0 and stays 0
+        return advantages
 
 
 @torch.no_grad()
 def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_size: int = 16,
-            temperature: float = 0.0, seed: int | None = None) -> Rollouts:
-    """Generate with z merged into the weights (zero per-token overhead), then score each reply."""
+            temperature: float = 0.0, seed: int | None = None, samples: int = 1) -> Rollouts:
+    """Generate `samples` replies to each example with z merged into the weights (zero per-token
+    overhead), then score each reply. The copies of a prompt are prefilled once (generate.Repeats)."""
+    if samples > 1 and temperature == 0:
+        raise ValueError(f"{samples} greedy replies to one prompt are all the same: sample (temperature > 0)")
+    examples = [e for e in examples for _ in range(samples)]
     prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
     with svf.merged():
         out = gen.generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
@@ -87,7 +129,7 @@ def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_si
     completions, texts = out.tokens, out.texts
     correct = task.score_many(examples, texts)
     rewards = torch.tensor([task.reward(c) for c in correct], dtype=torch.float32)
-    return Rollouts(prompts, completions, texts, correct, rewards)
+    return Rollouts(prompts, completions, texts, correct, rewards, group_size=samples)
 
 
 def completion_logprobs(model, prompts, completions, with_base: bool = True, svf=None):
@@ -152,9 +194,10 @@ def make_optimizer(parameters, lr: float, total_steps: int):
 
 
 def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: str = "mean", kl_coef: float = 0.0,
-               micro_batch: int = 8, clip: float = 1e-3, autocast_dtype=None) -> dict:
-    """One update from a batch of rollouts, accumulated over micro-batches. Returns logged numbers."""
-    advantages = rollouts.advantages(baseline)
+               micro_batch: int = 8, clip: float = 1e-3, autocast_dtype=None, scale_by_std: bool = False) -> dict:
+    """One update from a batch of rollouts, accumulated over micro-batches of `micro_batch` replies.
+    Returns logged numbers."""
+    advantages = rollouts.advantages(baseline, scale_by_std)
     B = int(all_reduce_sum(len(rollouts.prompts)).item())  # the global batch
     optimizer.zero_grad(set_to_none=True)
     pg_total, kl_values = 0.0, []
@@ -177,7 +220,11 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
     grad_norm = torch.nn.utils.clip_grad_norm_(svf.parameters(), clip).item()
     optimizer.step()
     scheduler.step()
-    reward, correct, pg, kl, processes = all_reduce_sum(
-        [rollouts.rewards.sum().item(), sum(rollouts.correct), pg_total, sum(kl_values) / len(kl_values), 1]).tolist()
-    return dict(reward=reward / B, accuracy=correct / B, pg_loss=pg, kl=kl / processes, grad_norm=grad_norm,
-                lr=scheduler.get_last_lr()[0])
+    reward, correct, pg, kl, processes, equal, groups = all_reduce_sum(
+        [rollouts.rewards.sum().item(), sum(rollouts.correct), pg_total, sum(kl_values) / len(kl_values), 1,
+         rollouts.equal_groups(), len(rollouts.prompts) // rollouts.group_size]).tolist()
+    stats = dict(reward=reward / B, accuracy=correct / B, pg_loss=pg, kl=kl / processes, grad_norm=grad_norm,
+                 lr=scheduler.get_last_lr()[0])
+    if rollouts.group_size > 1:
+        stats["equal_groups"] = equal / groups  # share of prompts whose replies all scored the same
+    return stats

@@ -241,6 +241,11 @@ class Task:
         """A correct reply in the form the prompt asks for: the target of supervised (next-token) training."""
         raise NotImplementedError(f"{self.name} has no reference replies")
 
+    def shuffle_options(self, example, rng: random.Random):
+        """The example with its answer options in another order (multiple-choice tasks; others return it
+        unchanged): training on shuffled options stops a position bias ("answer A") from being rewarded."""
+        return example
+
     def score(self, example, completion) -> bool:
         return self.score_many([example], [completion])[0]
 
@@ -491,6 +496,15 @@ class ARC(Task):
 
     def _score(self, example, completion):
         return arc_letter(completion, example["choices"]["label"]) == example["answerKey"]
+
+    def shuffle_options(self, example, rng):
+        """The option texts in a random order under the same letters; the answer key follows its text."""
+        labels, texts = example["choices"]["label"], example["choices"]["text"]
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        answer = labels.index(example["answerKey"])
+        return {**example, "choices": {"text": [texts[i] for i in order], "label": list(labels)},
+                "answerKey": labels[order.index(answer)]}
 
 
 class ARCEasy(ARC):

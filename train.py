@@ -45,7 +45,8 @@ from lora import LoRA
 
 # The paper's settings (Table 6), with the mean-reward baseline (see reinforce.py for why).
 PAPER = dict(
-    targets="mlp", param="mask", kl=0.0, baseline="mean", lr=2e-3, clip=1e-3,
+    targets="mlp", param="mask", kl=0.0, baseline="mean", samples=1, temperature=0.0, scale_by_std=False,
+    shuffle_options=False, lr=2e-3, clip=1e-3,
     batch_size=256, micro_batch=16, gen_batch=64, steps=None, epochs=1,
     max_new_tokens=None, eval_every=5, eval_limit=None, test_limit=None, autocast=None,
 )
@@ -92,16 +93,24 @@ def parse_args(argv=None):
     p.add_argument("--targets", choices=sorted(svf_lib.TARGETS))
     p.add_argument("--param", choices=svf_lib.PARAMETRIZATIONS, help="scale: the paper's formula; mask: the reference code's")
     p.add_argument("--kl", type=non_negative_float, help="λ, weight of KL(π_W' || π_W)")
-    p.add_argument("--baseline", choices=("mean", "none"), help="advantage r - mean(r), or r (the paper's exact setting)")
+    p.add_argument("--baseline", choices=("group", "mean", "none"),
+                   help="advantage: group, r minus the mean of the other replies to the same prompt (needs --samples "
+                        ">= 2); mean, r - mean(r) over the batch; none, r (the paper's exact setting)")
+    p.add_argument("--samples", type=m.positive_int, help="replies sampled per prompt, K (1: the paper's setting)")
+    p.add_argument("--scale-by-std", action="store_true", default=None,
+                   help="divide each prompt's group advantages by the std of its K rewards (as GRPO)")
+    p.add_argument("--shuffle-options", action="store_true", default=None,
+                   help="multiple-choice tasks: train on the options in a new random order every time a prompt is used")
     p.add_argument("--batch-size", type=m.positive_int, help="prompts per update (the paper: 256)")
-    p.add_argument("--micro-batch", type=m.positive_int, help="prompts per forward+backward (gradient accumulation)")
-    p.add_argument("--gen-batch", type=m.positive_int, help="prompts per generation batch")
+    p.add_argument("--micro-batch", type=m.positive_int,
+                   help="replies per forward+backward (gradient accumulation); a step has batch-size x samples")
+    p.add_argument("--gen-batch", type=m.positive_int, help="rows of the generation batch (replies decoded at once)")
     p.add_argument("--steps", type=m.positive_int, help="updates (default: --epochs over the train split)")
     p.add_argument("--epochs", type=positive_float)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--clip", type=positive_float, help="max gradient norm")
     p.add_argument("--max-new-tokens", type=m.positive_int)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="rollout sampling; 0 is greedy, as the reference code")
+    p.add_argument("--temperature", type=non_negative_float, help="rollout sampling; 0 is greedy, as the reference code")
     p.add_argument("--eval-every", type=m.positive_int)
     p.add_argument("--eval-limit", type=m.positive_int, help="validation examples per evaluation (default: all)")
     p.add_argument("--test-limit", type=m.positive_int, help="test examples in the final evaluation (default: all)")
@@ -129,10 +138,25 @@ def parse_args(argv=None):
         p.error("--label-rule is for --task cls (the classification expert)")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite deletes it: give one of them")
-    if args.micro_batch and args.batch_size and args.micro_batch > args.batch_size:
-        p.error(f"--micro-batch {args.micro_batch} is larger than --batch-size {args.batch_size}: a micro-batch is "
-                f"a slice of one update's batch; give --micro-batch {args.batch_size} or less")
+    replies = args.batch_size * (args.samples or 1) if args.batch_size else None
+    if args.micro_batch and replies and args.micro_batch > replies:
+        p.error(f"--micro-batch {args.micro_batch} is larger than one update's {replies} replies (--batch-size x "
+                f"--samples): a micro-batch is a slice of one update's batch; give --micro-batch {replies} or less")
     return args
+
+
+def check_recipe(config: dict):
+    """Settings that contradict each other, once the preset has filled in what the flags left out."""
+    def fail(message):
+        raise SystemExit(f"train.py: {message}")
+    if config["baseline"] == "group" and config["samples"] < 2:
+        fail(f"--baseline group compares the replies to one prompt: give --samples 2 or more (now {config['samples']})")
+    if config["samples"] > 1 and config["temperature"] == 0:
+        fail(f"--samples {config['samples']} greedy replies to one prompt are identical: give --temperature > 0 (e.g. 1.0)")
+    if config["scale_by_std"] and config["baseline"] != "group":
+        fail("--scale-by-std scales the group advantages: it goes with --baseline group")
+    if config["objective"] == "nexttoken" and config["samples"] > 1:
+        fail("--samples is for --objective rl (the next-token objective trains on the reference replies)")
 
 
 def make_task(config) -> tasks.Task:
@@ -162,13 +186,14 @@ def resolve_config(args) -> dict:
     config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
     # A preset's micro-batch can exceed a smaller --batch-size; the batch then goes in one pass, the same
     # update, and the config says so.
-    config["micro_batch"] = min(config["micro_batch"], config["batch_size"])
+    config["micro_batch"] = min(config["micro_batch"], config["batch_size"] * config["samples"])
     if args.task == "cls":
         config["label_rule"] = args.label_rule or "lenient"
     adapter = f"{config['param']}-{config['targets']}" if config["method"] == "svf" else "lora"
     strict = "-strict" if config.get("label_rule") == "strict" else ""
     config["out"] = config["out"] or f"runs/{args.task}-{adapter}-{config['objective']}{strict}"
     config["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    check_recipe(config)
     return config
 
 
@@ -240,6 +265,8 @@ CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step"
 # another number of processes each rolls out another share (with --temperature > 0, other samples). Every
 # other setting changes what is trained or how it is chosen and measured, and must match; --steps too,
 # since the cosine schedule decays to 0 over the total, so another total would be neither run.
+# Settings added after runs were checkpointed without them; such a run used these values.
+SETTINGS_BEFORE_THEY_EXISTED = dict(samples=1, scale_by_std=False, shuffle_options=False)
 RESUME_MAY_DIFFER = {"device", "threads", "compile", "dtype", "weights_dtype", "micro_batch", "gen_batch", "processes",
                      "out", "command", "resume", "overwrite"}
 
@@ -260,7 +287,7 @@ def resume_state(path: Path, config: dict) -> dict:
         holds = f"it lacks {', '.join(missing)}" if missing else f"it holds a {type(state).__name__}"
         raise SystemExit(f"--resume: {path} is not a train.py checkpoint ({holds}); give the --out of the run to "
                          f"continue, or start a new run: in another --out, or in this one with --overwrite")
-    saved = state["config"]
+    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **state["config"]}
     differ = [key for key in sorted(set(saved) | set(config))
               if key not in RESUME_MAY_DIFFER and saved.get(key) != config.get(key)]
     if differ:
@@ -445,6 +472,9 @@ def main(argv=None):
         for step in bar:
             doing = f"step {step + 1}"
             batch = [train_set[i] for i in batches(len(train_set), config["batch_size"], config["seed"], step)]
+            if config["shuffle_options"]:  # a new order each time, from (seed, step): a resumed run sees the same
+                order = random.Random(config["seed"] * 1000003 + step)
+                batch = [task.shuffle_options(e, order) for e in batch]
             examples = batch[rank::world]  # this process's share of the global batch
             if config["objective"] == "nexttoken":
                 stats = nexttoken_step(model, svf, tokenizer, task, examples, optimizer, scheduler,
@@ -452,14 +482,15 @@ def main(argv=None):
             else:
                 rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
                                              batch_size=config["gen_batch"], temperature=config["temperature"],
-                                             seed=config["seed"] * 1000003 + step + rank * 7919)
+                                             seed=config["seed"] * 1000003 + step + rank * 7919,
+                                             samples=config["samples"])
                 stats = reinforce.train_step(model, svf, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
-                                             config["micro_batch"], config["clip"], autocast)
+                                             config["micro_batch"], config["clip"], autocast, config["scale_by_std"])
             log(dict(step=step + 1, **stats, examples_per_process=len(examples)))
             if (step + 1) % config["eval_every"] == 0 or step + 1 == steps:
                 validate(step + 1)
             last_valid = next(h for h in reversed(history) if "valid_accuracy" in h)["valid_accuracy"]
-            shown = {k: f"{stats[k]:.3f}" for k in ("reward", "kl", "nll") if k in stats}
+            shown = {k: f"{stats[k]:.3f}" for k in ("reward", "equal_groups", "kl", "nll") if k in stats}
             bar.set_postfix(**shown, valid=f"{last_valid:.2f}")
             checkpoint(step + 1)
     except KeyboardInterrupt:

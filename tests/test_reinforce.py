@@ -265,3 +265,106 @@ def test_label_rule_is_refused_for_other_tasks(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "gsm8k", "--label-rule", "strict"])
     assert "--label-rule is for --task cls" in capsys.readouterr().err
+
+
+# ---- group rollouts: K replies per prompt, advantages against the prompt's own group
+
+
+def rollouts_with(rewards, K):
+    r = torch.tensor(rewards, dtype=torch.float32)
+    n = len(rewards)
+    return reinforce.Rollouts([[1]] * n, [[2]] * n, [""] * n, [x > 0 for x in rewards], r, group_size=K)
+
+
+def test_group_advantages_by_hand():
+    """Leave-one-out: A_i = r_i − mean of the other K−1 rewards of the same prompt."""
+    rollouts = rollouts_with([1, -1, -1, -1, 1, 1, 1, 1, -1, 1, -1, 1], K=4)
+    expected = [1 - (-1), -1 - (-1 / 3), -1 - (-1 / 3), -1 - (-1 / 3),   # one right of four
+                0, 0, 0, 0,                                             # all right: no gradient
+                -1 - (1 / 3), 1 - (-1 / 3), -1 - (1 / 3), 1 - (-1 / 3)]  # two of four
+    assert rollouts.advantages("group").tolist() == pytest.approx(expected)
+    assert rollouts.equal_groups() == 1
+    # the batch mean, for contrast, is one number for the whole batch: mean 2/12
+    assert rollouts.advantages("mean").tolist() == pytest.approx([r - 1 / 6 for r in rollouts.rewards.tolist()])
+
+
+def test_group_advantages_scaled_by_std_by_hand():
+    """--scale-by-std divides by the std (n−1) of the prompt's K rewards; an all-equal group stays 0."""
+    rollouts = rollouts_with([1, -1, -1, -1, -1, -1, -1, -1], K=4)
+    std = torch.tensor([1.0, -1, -1, -1]).std().item()  # 1.0
+    expected = [2 / std, (-2 / 3) / std, (-2 / 3) / std, (-2 / 3) / std, 0, 0, 0, 0]
+    assert rollouts.advantages("group", scale_by_std=True).tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="--baseline group"):
+        rollouts.advantages("mean", scale_by_std=True)
+
+
+def test_group_baseline_needs_a_group():
+    with pytest.raises(ValueError, match="--samples 2"):
+        rollouts_with([1, -1], K=1).advantages("group")
+
+
+def toy_bandit(baseline, samples, temperature, seed, steps=60, prompts=64, answers=4, features=8, batch=8,
+               delta=0.3):
+    """A synthetic task with prompts of different difficulty. Prompt i is answered by one of 4 actions from a
+    linear policy on its features x_i (shared weights, as an LM's); a reply scores +1 with probability
+    ease_i + delta·[answer is prompt i's right one], ease_i spread over [0, 1 − delta]: most of a reward is
+    the prompt's difficulty, a small part is the answer. Trained with reinforce.Rollouts.advantages and
+    reinforce.policy_loss (the project's objective); returns the greedy policy's share of right answers."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(prompts, features, generator=g)
+    right = (x @ torch.randn(features, answers, generator=g)).argmax(-1)
+    ease = torch.rand(prompts, generator=g) * (1 - delta)
+    W = torch.zeros(features, answers, requires_grad=True)
+    optimizer = torch.optim.Adam([W], lr=0.05)
+    for _ in range(steps):
+        chosen = torch.randperm(prompts, generator=g)[:batch]
+        logp_all = torch.log_softmax(x[chosen] @ W, -1).repeat_interleave(samples, 0)
+        if temperature == 0:
+            answer = logp_all.argmax(-1)
+        else:
+            answer = torch.multinomial(logp_all.detach().exp(), 1, generator=g).squeeze(1)
+        p = ease[chosen].repeat_interleave(samples) + delta * (answer == right[chosen].repeat_interleave(samples))
+        correct = torch.rand(len(p), generator=g) < p
+        n = len(correct)
+        rollouts = reinforce.Rollouts([[0]] * n, [[0]] * n, [""] * n, correct.tolist(),
+                                      torch.where(correct, 1.0, -1.0), group_size=samples)
+        logp = logp_all.gather(1, answer[:, None])
+        loss, _, _ = reinforce.policy_loss(logp, torch.zeros_like(logp), torch.ones_like(logp, dtype=torch.bool),
+                                           rollouts.advantages(baseline), kl_coef=0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return ((x @ W).argmax(-1) == right).float().mean().item()
+
+
+def test_group_baseline_learns_where_the_greedy_batch_mean_does_not():
+    """Over 30 seeds: the group baseline (K = 4 samples) learns the task; the batch-mean baseline with one
+    greedy reply per prompt (train.py's setting before group rollouts) is measurably worse. The batch mean
+    over the same K = 4 samples is reported beside it: on this task it is as good as the group (their
+    difference is a variance reduction, small here), so the gain is having several replies to the same
+    prompt at all. Measured: group 0.77, batch mean over 4 samples 0.79, no baseline over 4 samples 0.80,
+    greedy batch mean 0.54 (chance 0.25)."""
+    seeds = range(30)
+    group = sum(toy_bandit("group", 4, 1.0, s) for s in seeds) / 30
+    greedy_mean = sum(toy_bandit("mean", 1, 0.0, s) for s in seeds) / 30
+    sampled_mean = sum(toy_bandit("mean", 4, 1.0, s) for s in seeds) / 30
+    assert group > 0.6, group
+    assert group > greedy_mean + 0.1, (group, greedy_mean)
+    assert abs(group - sampled_mean) < 0.08, (group, sampled_mean)
+
+
+def test_rollout_gives_each_prompt_k_consecutive_sampled_replies(sharp_tiny_llama):
+    model, tokenizer = m.load(sharp_tiny_llama, device="cpu")
+    svf = svf_lib.SVF(model, targets="attn", param="scale", cache=False, progress=False)
+    task = EvenFirstToken(tokenizer)
+    examples = task.load("train")[:3]
+    rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, max_new_tokens=3, batch_size=4,
+                                 temperature=1.0, seed=0, samples=5)
+    assert rollouts.group_size == 5 and len(rollouts.prompts) == 15
+    for i, example in enumerate(examples):
+        group = rollouts.prompts[5 * i:5 * i + 5]
+        assert all(p == tokenizer.encode_chat(task.messages(example)) for p in group)
+    assert len({tuple(c) for c in rollouts.completions[:5]}) > 1  # samples, not five copies of one reply
+    assert rollouts.correct == task.score_many([e for e in examples for _ in range(5)], rollouts.texts)
+    with pytest.raises(ValueError, match="temperature"):
+        reinforce.rollout(model, tokenizer, svf, task, examples, max_new_tokens=3, temperature=0.0, samples=2)
