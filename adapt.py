@@ -103,17 +103,21 @@ def main(argv=None):
     elif args.mode == "fewshot":
         settings = cem.LIGHT if args.cem == "light" else cem.Settings()
         settings = dataclasses.replace(settings, normalize=args.normalize, seed=args.seed)
-        names, result = two.fewshot_alpha(task, shots, settings, args.per_layer,
-                                          log=lambda h: print(f"[cem] iteration {h['iteration']}: best score {h['best_score']}"))
-        if result.best_score[0] == 0:  # no candidate solved a shot, so no right reply could break the tie
-            print(f"[cem] no mixture solved any of the {len(shots)} shots: every candidate tied, and the α kept is "
-                  f"the first one tried, not a finding (more shots, or --mode none, may serve better)", file=sys.stderr)
-        mixed = two.mixed(names, result.best)
-        choices = [mixed] * len(scored)
+        chosen = two.fewshot_alpha(task, shots, settings, args.per_layer,
+                                   log=lambda h: print(f"[cem] iteration {h['iteration']}: best score {h['best_score']}"))
+        result = chosen.result
+        print(f"[cem] decided by {chosen.decided_by}")
+        if chosen.alpha is None:
+            choices = [None] * len(scored)
+        else:
+            choices = [two.mixed(chosen.names, chosen.alpha)] * len(scored)
         alpha = result.best if not args.per_layer else result.best.mean(dim=1)
-        report.update(alpha=dict(zip(names, alpha.tolist())), alpha_full=result.best.tolist(),
-                      cem_iterations=result.iterations, cem_evaluations=result.evaluations,
-                      shot_score=list(result.best_score), cem_history=result.history)
+        report.update(alpha=dict(zip(chosen.names, alpha.tolist())) if chosen.alpha is not None else None,
+                      best_mixture_alpha=dict(zip(chosen.names, alpha.tolist())), alpha_full=result.best.tolist(),
+                      used="mixture" if chosen.alpha is not None else "base", decided_by=chosen.decided_by,
+                      base_shot_score=list(chosen.base_score), cem_iterations=result.iterations,
+                      cem_evaluations=result.evaluations, shot_score=list(result.best_score),
+                      cem_history=result.history)
     elif args.mode == "expert":
         if args.expert_name not in two.experts:
             raise SystemExit(f"no expert {args.expert_name!r} in {args.experts} (have {sorted(two.experts)})")
@@ -143,8 +147,10 @@ def main(argv=None):
               f"{report['classification_accuracy']:.3f} (strict {report['classification_accuracy_strict']:.3f}, lenient "
               f"{report['classification_accuracy_lenient']:.3f}; the true category of {task.name} is "
               f"{dispatch.CATEGORY_OF_TASK[task.name]})")
-    if "alpha" in report:
-        print(f"α: {', '.join(f'{k} {v:.3f}' for k, v in report['alpha'].items())}; CEM {report['cem_iterations']} iterations, "
+    if "used" in report:
+        alpha = ', '.join(f'{k} {v:.3f}' for k, v in report['best_mixture_alpha'].items())
+        used = f"α: {alpha}" if report["used"] == "mixture" else f"the base weights (best mixture α: {alpha})"
+        print(f"answered with {used}; decided by {report['decided_by']}; CEM {report['cem_iterations']} iterations, "
               f"{report['cem_evaluations']} evaluations of {len(shots)} shots (from {shot_split}, not scored)")
     print(f"written to {out}")
     return report

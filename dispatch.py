@@ -6,7 +6,8 @@ Strategies for pass 1:
               (never "whichever expert was loaded last", the reference code's bug).
     cls       the same prompt, answered with the classification expert z^c merged in.
     fewshot   z' = Σ_k α_k z_k with α found by cem.py on a few held-out shots of the target task,
-              once per task; every remaining prompt is then answered with that z'.
+              once per task; every remaining prompt is then answered with that z', or with the base
+              weights when no mixture scored above them on the shots.
     none      the base model; expert NAME: one fixed expert (comparison rows).
 Prompts that chose the same expert are answered together, so each expert is merged once.
 """
@@ -21,6 +22,7 @@ import torch
 
 import cem
 import generate as gen
+import reinforce
 import svf as svf_lib
 import tasks
 
@@ -29,6 +31,17 @@ EXPERT_NAMES = ("code", "math", "reasoning")  # the order of α
 CATEGORY_OF_TASK = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code",
                     "arc_easy": "reasoning", "arc_challenge": "reasoning"}
 CLASSIFY_TOKENS = 32
+
+
+@dataclasses.dataclass
+class FewShotChoice:
+    """What few-shot adaptation decided: the mixture α (None: the base weights), the CEM run, the base
+    model's score on the same shots, and which part of the score made the decision."""
+    names: list[str]
+    alpha: torch.Tensor | None
+    result: cem.Result
+    base_score: tuple
+    decided_by: str
 
 
 def load_experts(folder) -> dict[str, tuple[dict, dict]]:
@@ -115,25 +128,50 @@ class TwoPass:
 
     # -- few-shot adaptation
 
-    def fewshot_alpha(self, task, shots, settings: cem.Settings, per_layer: bool = False, log=None):
-        """α over the experts (code, math, reasoning), by CEM on the shots. Score: accuracy on the shots,
-        ties broken by the mean log-likelihood of the tokens of the correct replies (paper A.4)."""
+    def fewshot_alpha(self, task, shots, settings: cem.Settings, per_layer: bool = False, log=None) -> FewShotChoice:
+        """α over the experts (code, math, reasoning), by CEM on the shots, or the base weights.
+
+        A candidate's score is (accuracy on the shots, mean log-likelihood per token of the shots' reference
+        replies under the mixture), compared in that order. The paper breaks accuracy ties by the
+        log-likelihood of the model's own correct replies; when no candidate solves a shot (HumanEval and
+        GSM8K on a small model) that is undefined, every candidate ties and the search keeps its first
+        candidate, which cost 0.07 on HumanEval. The reference replies' log-likelihood is defined for every
+        candidate, so the search always has a signal. The base model is scored the same way, and a mixture
+        that does not score above it is not used: on the shots, few-shot adaptation is never below base."""
         names = [n for n in EXPERT_NAMES if n in self.experts]
         zs = [self.experts[n] for n in names]
         prompts = [self.tokenizer.encode_chat(task.messages(e)) for e in shots]
+        references = [self.tokenizer.encode(task.reference(e)) + self.tokenizer.eos_ids[:1] for e in shots]
         shape = (len(names), self.model.args.n_layers) if per_layer else (len(names),)
+
+        def score_current_weights():
+            out = self.generate(prompts, task.max_new_tokens)
+            accuracy = sum(task.score_many(shots, out.texts)) / len(shots)
+            with torch.no_grad():
+                logp, _, mask = reinforce.completion_logprobs(self.model, prompts, references, with_base=False)
+            return (accuracy, (logp.sum() / mask.sum()).item())
 
         def score(alpha):
             with self.use(svf_lib.mix(zs, alpha, self.svf.param)):
-                out = self.generate(prompts, task.max_new_tokens, return_logprobs=True)
-            correct = task.score_many(shots, out.texts)
-            right = [lp for lp, ok in zip(out.logprobs, correct) if ok]
-            loglik = torch.cat(right).mean().item() if right else float("-inf")
-            return (sum(correct) / len(shots), loglik)
+                return score_current_weights()
 
+        with self.use(None):
+            base_score = score_current_weights()
         settings = dataclasses.replace(settings, init_mean=1.0 / len(names))
         result = cem.maximize(score, shape, settings, log=log)
-        return names, result
+        best = tuple(result.best_score)
+        (accuracy, loglik), (base_accuracy, base_loglik) = best, base_score
+        if best <= base_score:
+            decided_by = (f"base model kept: no mixture scored above it on the shots (best mixture: accuracy "
+                          f"{accuracy:.3f}, reference log-likelihood {loglik:.4f}; base: {base_accuracy:.3f}, "
+                          f"{base_loglik:.4f})")
+            return FewShotChoice(names, None, result, base_score, decided_by)
+        if accuracy > base_accuracy:
+            decided_by = f"accuracy on the shots ({accuracy:.3f} against the base model's {base_accuracy:.3f})"
+        else:
+            decided_by = (f"log-likelihood of the shots' reference replies ({loglik:.4f} against the base model's "
+                          f"{base_loglik:.4f}; accuracy tied at {accuracy:.3f})")
+        return FewShotChoice(names, result.best, result, base_score, decided_by)
 
     def mixed(self, names, alpha) -> dict:
         return svf_lib.mix([self.experts[n] for n in names], alpha, self.svf.param)

@@ -343,6 +343,9 @@ class MATH(Task):
     def _score(self, example, completion):
         return math_equal(last_boxed(completion), example["answer"])
 
+    def reference(self, example):
+        return example["solution"]  # the worked solution, ending in its \boxed{} answer
+
 
 def _unwrap(command, text):
     """\\text{abc} -> abc, innermost first."""
@@ -676,6 +679,10 @@ class HumanEval(CodeTask):
         return ("Complete the following Python function.\n\n"
                 f"```python\n{example['prompt'].rstrip()}\n```\n\n"
                 "Write the complete function in a ```python code block.")
+
+    def reference(self, example):
+        # The prompt's signature and docstring with the canonical body: the complete function it asks for.
+        return "```python\n" + (example["prompt"] + example["canonical_solution"]).strip() + "\n```"
 
     def tests(self, example, completion):
         code = solution_code(completion) or ""

@@ -41,8 +41,12 @@ def adapt_rows(files):
         if "chosen" in r:
             what = (f"{r['label_rule']} rule: " + ", ".join(f"{k} {v}" for k, v in sorted(r["chosen"].items()))
                     + f"; right category {r['classification_accuracy']:.2f}")
+        elif r.get("used") == "base":
+            what = f"base weights kept: no mixture above them on the shots ({r['cem_evaluations']} CEM evaluations)"
         elif "alpha" in r:
             what = ", ".join(f"{k} {v:.2f}" for k, v in r["alpha"].items()) + f" ({r['cem_evaluations']} CEM evaluations)"
+            if "decided_by" in r:
+                what += "; decided by " + r["decided_by"].split(" (")[0]
         elif r["mode"] == "expert":
             what = r["records"][0]["choice"] if r["records"] else ""
         share = f"{r['pass1_share_of_pass2']:.0%}" if r.get("pass1_share_of_pass2") else "-"

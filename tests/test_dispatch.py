@@ -33,6 +33,9 @@ class Words:
     def messages(self, e):
         return [{"role": "user", "content": e["question"]}]
 
+    def reference(self, e):
+        return self.answers.get(e["id"]) or "w7 w8"
+
     def score_many(self, examples, replies):
         # Right when the reply opens with the same word as the answer: a graded enough target for CEM.
         return [r.split()[:1] == (self.answers.get(e["id"]) or "").split()[:1] for e, r in zip(examples, replies)]
@@ -98,10 +101,24 @@ def test_one_hot_mixture_reproduces_the_expert(two_pass):
         assert two_pass.answer(task, examples, [mixed] * 6, progress=False) == replies_with(two_pass, task, examples, name)
 
 
-def test_fewshot_score_is_accuracy_then_loglikelihood(two_pass, monkeypatch):
+def reference_loglik(two, task, shots, expert):
+    """Mean log-probability per token of the shots' reference replies (then EOS), one full forward per shot."""
+    total, count = 0.0, 0
+    with two.use(expert), torch.no_grad():
+        for e in shots:
+            prompt = two.tokenizer.encode_chat(task.messages(e))
+            target = two.tokenizer.encode(task.reference(e)) + two.tokenizer.eos_ids[:1]
+            logits = two.model(torch.tensor([prompt + target]))[0]
+            logp = torch.log_softmax(logits[len(prompt) - 1:-1].float(), dim=-1)
+            total += logp.gather(-1, torch.tensor(target)[:, None]).sum().item()
+            count += len(target)
+    return total / count
+
+
+def test_fewshot_score_is_accuracy_then_reference_loglikelihood(two_pass, monkeypatch):
     """The CEM objective on shots whose right answers are the math expert's own replies: one-hot math
-    scores 1.0 with a finite log-likelihood tie-breaker; another expert scores lower; α is over the
-    three experts and starts at 1/K. (cem.py's own tests cover the search.)"""
+    scores 1.0, another expert lower; the second number is the log-likelihood of the reference replies
+    under the mixture, equal to a full forward's; α is over the three experts and starts at 1/K."""
     task = Words()
     shots = task.load("validation")[:6]
     task.answers = dict(zip([e["id"] for e in shots], replies_with(two_pass, task, shots, "math")))
@@ -109,16 +126,46 @@ def test_fewshot_score_is_accuracy_then_loglikelihood(two_pass, monkeypatch):
 
     def fake_maximize(score, shape, settings, log=None):
         captured.update(score=score, shape=shape, init_mean=settings.init_mean)
-        return cem.Result(best=torch.zeros(shape), best_score=(0.0,), mean=torch.zeros(shape), iterations=0, evaluations=0)
+        return cem.Result(best=torch.zeros(shape), best_score=(0.0, -99.0), mean=torch.zeros(shape), iterations=0,
+                          evaluations=0)
 
     monkeypatch.setattr(cem, "maximize", fake_maximize)
-    names, _ = two_pass.fewshot_alpha(task, shots, cem.LIGHT)
-    assert names == ["code", "math", "reasoning"] and captured["shape"] == (3,) and captured["init_mean"] == 1 / 3
+    chosen = two_pass.fewshot_alpha(task, shots, cem.LIGHT)
+    assert chosen.names == ["code", "math", "reasoning"] and captured["shape"] == (3,) and captured["init_mean"] == 1 / 3
     accuracy, loglik = captured["score"](torch.tensor([0.0, 1.0, 0.0]))
-    assert accuracy == 1.0 and -50 < loglik < 0
+    assert accuracy == 1.0 and loglik == pytest.approx(reference_loglik(two_pass, task, shots, "math"), abs=1e-4)
     assert captured["score"](torch.tensor([1.0, 0.0, 0.0]))[0] < 1.0
+    assert chosen.base_score[1] == pytest.approx(reference_loglik(two_pass, task, shots, None), abs=1e-4)
     two_pass.fewshot_alpha(task, shots, cem.LIGHT, per_layer=True)
     assert captured["shape"] == (3, two_pass.model.args.n_layers)
+
+
+@pytest.mark.parametrize("answers_from", ["base", "math", "nobody"])
+def test_fewshot_never_picks_a_mixture_below_the_base_model_on_the_shots(two_pass, answers_from):
+    """A real CEM search (light). Shots answered as the base model answers: no mixture beats it and the base
+    weights are kept. As the math expert answers: a mixture wins on accuracy. As nobody answers (no
+    candidate solves a shot, the case that cost HumanEval 0.07): the reference log-likelihood decides, and
+    whatever is chosen scores at least the base model's (accuracy, log-likelihood) on the shots."""
+    task = Words()
+    shots = task.load("validation")[:6]
+    if answers_from == "nobody":
+        task.answers = {e["id"]: "zzz" for e in shots}
+    else:
+        task.answers = dict(zip([e["id"] for e in shots],
+                                replies_with(two_pass, task, shots, None if answers_from == "base" else "math")))
+    chosen = two_pass.fewshot_alpha(task, shots, cem.LIGHT)
+    assert chosen.base_score[0] == {"base": 1.0, "math": chosen.base_score[0], "nobody": 0.0}[answers_from]
+    if answers_from == "base":
+        assert chosen.alpha is None and chosen.decided_by.startswith("base model kept")
+        assert tuple(chosen.result.best_score) <= chosen.base_score
+    elif answers_from == "math":
+        assert chosen.alpha is not None and chosen.decided_by.startswith("accuracy on the shots")
+        assert chosen.result.best_score[0] > chosen.base_score[0]
+    else:
+        assert chosen.result.best_score[0] == 0.0
+        assert chosen.alpha is None or chosen.decided_by.startswith("log-likelihood")
+        if chosen.alpha is not None:
+            assert chosen.result.best_score[1] > chosen.base_score[1]
 
 
 def test_shots_never_appear_in_the_scored_prompts():
@@ -144,8 +191,9 @@ def test_two_pass_with_one_expert_equals_evaluating_it_directly(two_pass, sharp_
 
 
 def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypatch, capsys):
-    """adapt.py --mode fewshot: CEM over the experts on shots left out of the score, then pass 2 with the
-    α it reports; with no shot solved it says the α is not a finding."""
+    """adapt.py --mode fewshot: CEM over the experts on shots left out of the score, then pass 2 with what it
+    reports using (the mixture, or the base weights), and it prints which signal decided. No shot is solvable
+    here, so the reference replies' log-likelihood decides."""
     import json
 
     import adapt
@@ -157,7 +205,16 @@ def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypa
                 str(sharp_tiny_llama), "--experts", str(tmp_path / "experts"), "--threads", "1", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["scored"] == 4 and report["shots"] == 3 and report["cem_evaluations"] == 48
-    assert report["shot_score"][0] == 0 and "no mixture solved any of the 3 shots" in capsys.readouterr().err
-    mixed = svf_lib.mix([two_pass.experts[n] for n in dispatch.EXPERT_NAMES], torch.tensor(report["alpha_full"]), two_pass.svf.param)
+    assert report["shot_score"][0] == 0 and report["base_shot_score"][0] == 0
+    printed = capsys.readouterr().out
+    assert f"[cem] decided by {report['decided_by']}" in printed
+    if report["used"] == "base":
+        assert report["decided_by"].startswith("base model kept") and report["alpha"] is None
+        weights = None
+    else:
+        assert report["decided_by"].startswith("log-likelihood of the shots' reference replies")
+        assert report["shot_score"][1] > report["base_shot_score"][1]
+        weights = svf_lib.mix([two_pass.experts[n] for n in dispatch.EXPERT_NAMES], torch.tensor(report["alpha_full"]),
+                              two_pass.svf.param)
     scored = [e for e in task.load("test") if e["id"] in {r["id"] for r in report["records"]}]
-    assert [r["reply"] for r in report["records"]] == replies_with(two_pass, task, scored, mixed)
+    assert [r["reply"] for r in report["records"]] == replies_with(two_pass, task, scored, weights)

@@ -312,3 +312,12 @@ def test_mbpp_reference_replies_pass_their_tests():
     task = tasks.get("mbpp")
     examples = task.load("train")[:10]
     assert all(task.score_many(examples, [task.reference(e) for e in examples]))
+
+
+@pytest.mark.parametrize("name, split", [("humaneval", "test"), ("math", "shots"), ("arc_challenge", "validation")])
+def test_reference_replies_of_fewshot_tasks_score_correct(name, split):
+    """Few-shot adaptation scores mixtures by the log-likelihood of the shots' reference replies: they must be
+    replies the task's own scorer accepts, in the form its prompt asks for."""
+    task = tasks.get(name)
+    examples = task.load(split)[:12]
+    assert all(task.score_many(examples, [task.reference(e) for e in examples]))
