@@ -44,6 +44,26 @@ def accuracy(correct: list[bool]) -> dict:
     return {"n": n, "correct": k, "accuracy": k / max(n, 1), "interval": wilson_interval(k, n)}
 
 
+def paired_difference(before: list[bool], after: list[bool], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Accuracy of `after` minus `before` on the same examples, with a paired bootstrap 95% interval
+    (resampling examples, both outcomes of an example together) and the examples each side alone got
+    right. Pairing removes the spread of question difficulty that two separate Wilson intervals carry,
+    so a change of a few points on a few hundred questions can show."""
+    import numpy as np
+
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes need the same examples: {len(before)} before, {len(after)} after")
+    delta = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    n = len(delta)
+    if n == 0:
+        return dict(n=0, difference=0.0, interval=(0.0, 0.0), gained=0, lost=0)
+    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    means = delta[picks].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return dict(n=n, difference=float(delta.mean()), interval=(float(low), float(high)),
+                gained=int((delta > 0).sum()), lost=int((delta < 0).sum()))
+
+
 def evaluate(model, tokenizer, task, examples, batch_size: int = 32, max_new_tokens: int | None = None,
              progress: bool = True) -> dict:
     """Generate greedily for every example and score it. Returns a summary and per-example records."""

@@ -370,7 +370,9 @@ def plot(history: list[dict], path: Path):
         return None
     train = [h for h in history if "reward" in h]
     valid = [h for h in history if "valid_accuracy" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    groups = [h for h in train if "equal_groups" in h]
+    fig, axes = plt.subplots(1, 2 if train else 1, figsize=(11 if train else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot([h["step"] for h in train], [h["accuracy"] for h in train], label="train batch accuracy", alpha=0.6)
     ax.errorbar([h["step"] for h in valid], [h["valid_accuracy"] for h in valid],
                 yerr=[[h["valid_accuracy"] - h["valid_interval"][0] for h in valid],
@@ -380,6 +382,15 @@ def plot(history: list[dict], path: Path):
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend()
+    if train:  # the training signal: mean reward, and the share of prompts that gave no gradient
+        ax = axes[0, 1]
+        ax.plot([h["step"] for h in train], [h["reward"] for h in train], label="mean reward (±1)")
+        if groups:
+            ax.plot([h["step"] for h in groups], [h["equal_groups"] for h in groups],
+                    label="share of prompts whose replies all scored the same")
+        ax.set_xlabel("step")
+        ax.set_ylim(-1, 1)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -514,11 +525,15 @@ def main(argv=None):
                         **({"label_rule": config["label_rule"]} if task.name == "cls" else {}))
     base_test = evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
     expert_test = evaluate_split(model, tokenizer, svf, task, test_set, config)
+    paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],
+                                        [r["correct"] for r in expert_test["records"]])
     minutes = (time.perf_counter() - started) / 60
     valid0 = history[0]["valid_accuracy"] if history and "valid_accuracy" in history[0] else float("nan")
     summary = dict(task=task.name, steps=steps, best_step=best["step"], valid_before=valid0, valid_best=best["accuracy"],
                    test_n=base_test["n"], test_base=base_test["accuracy"], test_base_interval=base_test["interval"],
-                   test_expert=expert_test["accuracy"], test_expert_interval=expert_test["interval"], minutes=minutes,
+                   test_expert=expert_test["accuracy"], test_expert_interval=expert_test["interval"],
+                   test_difference=paired["difference"], test_difference_interval=paired["interval"],
+                   test_gained=paired["gained"], test_lost=paired["lost"], minutes=minutes,
                    expert=str(expert_path))
     figure = None
     if rank == 0:
@@ -530,7 +545,9 @@ def main(argv=None):
         figure = plot(history, out / "learning_curve.png")
     print(f"[train] {task.name}: valid {valid0:.3f} -> {best['accuracy']:.3f} (best at step {best['step']}); "
           f"test n={base_test['n']}: base {base_test['accuracy']:.3f} [{base_test['interval'][0]:.3f}, {base_test['interval'][1]:.3f}] "
-          f"-> expert {expert_test['accuracy']:.3f} [{expert_test['interval'][0]:.3f}, {expert_test['interval'][1]:.3f}]; "
+          f"-> expert {expert_test['accuracy']:.3f} [{expert_test['interval'][0]:.3f}, {expert_test['interval'][1]:.3f}], "
+          f"paired difference {paired['difference']:+.3f} [{paired['interval'][0]:+.3f}, {paired['interval'][1]:+.3f}] "
+          f"({paired['gained']} gained, {paired['lost']} lost); "
           f"{minutes:.1f} min; expert {expert_path}" + (f"; curve {figure}" if figure else ""))
     if reinforce.distributed():
         dist.destroy_process_group()

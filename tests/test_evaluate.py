@@ -77,3 +77,23 @@ def test_default_out_never_replaces_an_earlier_run(tmp_path, monkeypatch):
     assert evaluate.default_out(base) == Path("runs/eval-gsm8k-test-2.jsonl")
     (tmp_path / "runs/eval-gsm8k-test-2.jsonl").write_text("earlier run\n")
     assert evaluate.default_out(base) == Path("runs/eval-gsm8k-test-3.jsonl")
+
+
+def test_paired_difference_against_hand_counts_and_the_normal_approximation():
+    """20 gained, 5 lost, 375 unchanged of 400: difference 15/400; the bootstrap interval agrees with the
+    normal approximation mean ± 1.96·sd/√n of the per-example differences (a large-n reference)."""
+    import math
+
+    before = [False] * 20 + [True] * 5 + [True] * 100 + [False] * 275
+    after = [True] * 20 + [False] * 5 + [True] * 100 + [False] * 275
+    result = evaluate.paired_difference(before, after)
+    assert (result["n"], result["gained"], result["lost"]) == (400, 20, 5)
+    assert result["difference"] == pytest.approx(15 / 400)
+    d = [a - b for a, b in zip(after, before)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    low, high = mean - 1.96 * sd / math.sqrt(len(d)), mean + 1.96 * sd / math.sqrt(len(d))
+    assert result["interval"][0] == pytest.approx(low, abs=0.005) and result["interval"][1] == pytest.approx(high, abs=0.005)
+    assert evaluate.paired_difference([True, False], [True, False])["interval"] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        evaluate.paired_difference([True], [True, False])

@@ -84,6 +84,9 @@ class EvenFirstToken:
     def messages(self, example):
         return [{"role": "user", "content": example["question"]}]
 
+    def shuffle_options(self, example, rng):
+        return example  # no options
+
     def extract(self, example, completion):
         ids = self.tokenizer.encode(completion)
         return ids[0] if ids else None

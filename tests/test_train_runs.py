@@ -262,6 +262,51 @@ def test_bad_flags_stop_at_argparse(tmp_path, monkeypatch, capsys, flags, named)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--baseline", "group"], "--samples 2 or more"),
+    (["--baseline", "group", "--samples", "1", "--temperature", "1"], "--samples 2 or more"),
+    (["--samples", "4", "--temperature", "0"], "--temperature > 0"),
+    (["--samples", "4"], "--temperature > 0"),  # greedy is the default
+    (["--scale-by-std", "--samples", "4", "--temperature", "1", "--baseline", "mean"], "--baseline group"),
+    (["--objective", "nexttoken", "--samples", "4", "--temperature", "1"], "--objective rl"),
+])
+def test_contradictory_recipes_are_refused_before_loading(tmp_path, monkeypatch, flags, said):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(m, "load", no_model)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--task", "cls", "--preset", "cpu", "--out", str(tmp_path / "run"), *flags])
+    assert said in str(stop.value.code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_micro_batch_counts_replies(tmp_path):
+    """With K samples a step has batch-size x K replies; --micro-batch slices those."""
+    args = train.parse_args(["--task", "cls", "--batch-size", "4", "--samples", "8", "--micro-batch", "32",
+                             "--temperature", "1", "--baseline", "group", "--out", str(tmp_path)])
+    assert train.resolve_config(args)["micro_batch"] == 32
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "cls", "--batch-size", "4", "--samples", "8", "--micro-batch", "33"])
+
+
+def test_group_run_logs_equal_groups_and_resumes_an_older_checkpoint(run, tmp_path):
+    """A group run logs the share of prompts whose replies all scored the same; a checkpoint written before
+    --samples existed (its config lacks the new settings) resumes as the K = 1 run it was."""
+    out = tmp_path / "group"
+    run(out, "--steps", "2", "--samples", "4", "--baseline", "group", "--shuffle-options")
+    steps = [r for r in records(out) if "reward" in r]
+    assert len(steps) == 2 and all(0 <= r["equal_groups"] <= 1 for r in steps)
+    old = tmp_path / "old"
+    run(old, "--steps", "2")
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    for key in ("samples", "scale_by_std", "shuffle_options"):
+        del state["config"][key]
+    state["step"] = 1
+    torch.save(state, old / "checkpoint.pt")
+    run(old, "--steps", "2", "--resume")
+
+
 def test_boundary_values_are_accepted():
     args = train.parse_args(["--task", "cls", "--kl", "0", "--temperature", "0", "--lr", "1e-9", "--steps", "1",
                              "--batch-size", "4", "--micro-batch", "4", "--seed", "0"])
