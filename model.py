@@ -273,12 +273,17 @@ class Transformer(nn.Module):
         x = self.hidden_states(tokens, pad)
         return self.lm_head(x[:, -1:] if last_only else x).float()  # logits in fp32 whatever the weights are
 
-    def hidden_states(self, tokens, pad: torch.Tensor | None = None, cache_rows: torch.Tensor | None = None):
+    def hidden_states(self, tokens, pad: torch.Tensor | None = None, cache_rows: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """tokens (B, T) -> final normalised hidden states (B, T, dim), before the output projection
         (training computes logits only where it needs them: the vocabulary is the largest matrix).
-        cache_rows (B,): also write every layer's keys and values into these rows of the KV cache (prefill)."""
+        cache_rows (B,): also write every layer's keys and values into these rows of the KV cache (prefill).
+        positions (B, T) and mask (B, 1, T, T) together: rows laid out by the caller (several replies
+        packed after one prompt, reinforce.pack_replies), in place of causal attention over left padding."""
         B, T = tokens.shape
         device = tokens.device
+        if positions is not None:
+            return self._layers(tokens, positions, mask, cache_rows)
         positions = torch.arange(T, device=device)[None, :]  # (1, T)
         mask = None  # plain causal
         if pad is not None:
@@ -286,6 +291,9 @@ class Transformer(nn.Module):
         if pad is not None or self.args.sliding_window is not None:
             pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
             mask = attention_mask(pad, T, self.args.sliding_window)  # (B, 1, T, T)
+        return self._layers(tokens, positions, mask, cache_rows)
+
+    def _layers(self, tokens, positions, mask, cache_rows):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed.weight.dtype)
         x = self.embed(tokens)  # (B, T, dim)
         for layer in self.layers:

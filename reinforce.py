@@ -132,43 +132,89 @@ def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_si
     return Rollouts(prompts, completions, texts, correct, rewards, group_size=samples)
 
 
+def pack_replies(prompts, completions, window: int | None = None):
+    """One forward pass for a batch of replies, in which replies to the same prompt share it.
+
+    Consecutive replies with equal prompts (the K replies of a group rollout) become one packed row
+    [prompt, reply 1, ..., reply K, padding]. Each reply attends to the prompt and to its own earlier
+    tokens only, and its positions continue from the prompt's end, so every reply sees exactly what it
+    would see alone after the prompt; the prompt is computed once instead of K times (with a 110-token
+    ARC prompt and 8-token replies, a group of 8 is 174 tokens instead of 944). Gradients through the
+    shared prompt sum over its replies, as they would over K separate copies.
+
+    Returns tokens (G, S), positions (G, S), mask (G, 1, S, S) (True where a query may attend to a key),
+    and source_row (B,), source_slot (B, L): the row and slot whose hidden state predicts token t of
+    reply i (the prompt's last slot for t = 0, the reply's own token t − 1 after it); L is the longest
+    reply, and slots past a reply's end point at slot 0 (masked out by the caller)."""
+    groups = []  # (prompt, [reply indices])
+    for i, prompt in enumerate(prompts):
+        if groups and groups[-1][0] == prompt:
+            groups[-1][1].append(i)
+        else:
+            groups.append((prompt, [i]))
+    B, G = len(prompts), len(groups)
+    L = max(max(map(len, completions)), 1)
+    S = max(len(p) + sum(len(completions[i]) for i in members) for p, members in groups)
+    tokens = torch.zeros(G, S, dtype=torch.long)
+    positions = torch.zeros(G, S, dtype=torch.long)
+    segment = torch.full((G, S), -1, dtype=torch.long)  # 0: prompt, j: reply j of the row, -1: padding
+    source_row = torch.zeros(B, dtype=torch.long)
+    source_slot = torch.zeros(B, L, dtype=torch.long)
+    for g, (prompt, members) in enumerate(groups):
+        P = len(prompt)
+        tokens[g, :P] = torch.tensor(prompt, dtype=torch.long)
+        positions[g, :P] = torch.arange(P)
+        segment[g, :P] = 0
+        start = P
+        for j, i in enumerate(members, start=1):
+            n = len(completions[i])
+            tokens[g, start:start + n] = torch.tensor(completions[i], dtype=torch.long)
+            positions[g, start:start + n] = torch.arange(P, P + n)
+            segment[g, start:start + n] = j
+            source_row[i] = g
+            if n:
+                source_slot[i, 0] = P - 1
+                source_slot[i, 1:n] = torch.arange(start, start + n - 1)
+            start += n
+    slots = torch.arange(S)
+    causal = slots[None, :] <= slots[:, None]  # (S, S): query slot, key slot
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]  # (G, S, 1), (G, 1, S)
+    allowed = causal[None] & (seg_k != -1) & ((seg_k == 0) | (seg_k == seg_q))
+    if window is not None:
+        allowed = allowed & (positions[:, :, None] - positions[:, None, :] < window)
+    allowed = allowed | torch.eye(S, dtype=torch.bool)[None]  # a padding query sees itself: softmax stays finite
+    return tokens, positions, allowed[:, None], source_row, source_slot
+
+
 def completion_logprobs(model, prompts, completions, with_base: bool = True, svf=None):
     """Log-probabilities of each generated token under the current policy (with grad), and the KL
     divergence KL(π_{W'} ‖ π_W) at each generated position (the base policy is the same model with
     SVF switched off: no second copy of the weights). Returns (logp (B, L), kl (B, L), mask (B, L)),
-    L the longest completion; mask marks real tokens."""
+    L the longest completion; mask marks real tokens. Replies to the same prompt share one
+    computation of it (pack_replies)."""
     device = model.embed.weight.device
     B = len(prompts)
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    T = max(map(len, seqs))
-    L = max(max(map(len, completions)), 1)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    pad = torch.tensor([T - len(s) for s in seqs])
+    tokens, positions, attend, source_row, source_slot = (
+        t.to(device) for t in pack_replies(prompts, completions, model.args.sliding_window))
+    L = source_slot.shape[1]
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    mask = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L)
     targets = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    for i, (s, c) in enumerate(zip(seqs, completions)):
-        tokens[i, T - len(s):] = torch.tensor(s)
+    for i, c in enumerate(completions):
         targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, : len(c)] = True
-    tokens, pad, targets, mask = tokens.to(device), pad.to(device), targets.to(device), mask.to(device)
+    targets = targets.to(device)
 
-    # Completions are right-aligned (left padding): the row's completion tokens sit in the last len(c)
-    # slots, predicted by the hidden states one slot earlier. Take L slots ending one before the end.
-    def logits_at_completions(hidden):
-        h = hidden[:, T - L - 1 : T - 1]  # (B, L, dim) predicting slots T-L .. T-1
-        lengths = torch.tensor([len(c) for c in completions], device=device)
-        # Row i's completion occupies the last lengths[i] of those L slots; move it to the front.
-        index = (torch.arange(L, device=device)[None, :] + (L - lengths)[:, None]).clamp(max=L - 1)
-        h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
+    def logits_at_completions():
+        hidden = model.hidden_states(tokens, positions=positions, mask=attend)  # (G, S, dim)
+        h = hidden[source_row[:, None], source_slot]  # (B, L, dim): the state predicting each reply token
         return model.lm_head(h).float()  # (B, L, vocab)
 
-    logits = logits_at_completions(model.hidden_states(tokens, pad))
-    logp_all = F.log_softmax(logits, dim=-1)
+    logp_all = F.log_softmax(logits_at_completions(), dim=-1)
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
     kl = torch.zeros_like(logp)
     if with_base:
         with torch.no_grad(), svf.disabled():
-            base_logp_all = F.log_softmax(logits_at_completions(model.hidden_states(tokens, pad)), dim=-1)
+            base_logp_all = F.log_softmax(logits_at_completions(), dim=-1)
         # KL(π' ‖ π) = Σ_v π'(v) (log π'(v) − log π(v)), exact over the vocabulary at every position.
         kl = (logp_all.exp() * (logp_all - base_logp_all)).sum(-1)
     return logp * mask, kl * mask, mask

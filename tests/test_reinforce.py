@@ -46,6 +46,46 @@ def test_logprobs_of_ragged_batch_match_one_by_one(tiny_llama):
         assert mask[i].sum().item() == len(c)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+def test_replies_packed_after_a_shared_prompt_match_one_by_one(tmp_path, family):
+    """Group rollouts: K replies to one prompt share one computation of it (pack_replies). Each reply's
+    log-probability, KL and the gradient they send to z equal those of the reply computed alone
+    after its prompt (the plain forward), with a sliding window shorter than the rows too."""
+    from conftest import tiny_hf_model
+
+    tiny_hf_model(family.split("_")[0], tmp_path, **({"sliding_window": 6} if family == "mistral_window" else {}))
+    model, _, svf = fresh(tmp_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for z in svf.parameters():
+            z.mul_(1 + 0.3 * torch.randn_like(z))
+    prompts = [[5, 6, 7, 8, 9]] * 3 + [[10, 11]] + [[20, 21, 22]] * 2
+    completions = [[11, 12], [13, 14, 15, 16], [], [17, 18, 19], [30], [31, 32, 33, 34, 35]]
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5, -0.7, 0.9])
+    tokens, *_ = reinforce.pack_replies(prompts, completions)
+    assert tokens.shape == (3, 11)  # three rows: one per distinct consecutive prompt
+    logp, kl, mask = reinforce.completion_logprobs(model, prompts, completions, svf=svf)
+    (weights * logp.sum(-1)).sum().backward()
+    packed_grads = [z.grad.clone() for z in svf.parameters()]
+    for z in svf.parameters():
+        z.grad = None
+    reference = 0.0
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        assert mask[i].sum().item() == len(c)
+        if not c:
+            continue
+        alone_logp, alone_kl, _ = reinforce.completion_logprobs(model, [p], [c], svf=svf)
+        assert logp[i, : len(c)].tolist() == pytest.approx(alone_logp[0].tolist(), abs=1e-5)
+        assert kl[i, : len(c)].tolist() == pytest.approx(alone_kl[0].tolist(), abs=1e-5)
+        logits = model(torch.tensor([p + c]))[0]  # the plain forward: no packing, no padding
+        plain = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        assert logp[i, : len(c)].tolist() == pytest.approx(plain.tolist(), abs=1e-5)
+        reference = reference + weights[i] * plain.sum()
+    reference.backward()
+    for packed, z in zip(packed_grads, svf.parameters()):
+        torch.testing.assert_close(packed, z.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_kl_is_zero_at_init_and_positive_after_z_moves(tiny_llama):
     model, _, svf = fresh(tiny_llama)
     prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]]
