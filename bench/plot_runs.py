@@ -1,13 +1,17 @@
-"""Validation accuracy of several train.py runs on one chart (RESULTS.md's comparisons).
+"""Learning curves of several train.py runs on one chart (RESULTS.md's comparisons): validation
+accuracy, the training batches' mean reward, and for group rollouts the share of prompts whose
+replies all scored the same (no gradient under the group baseline). Training numbers are averaged over
+a window of steps (--smooth, default 10), since one batch of 16 prompts is noisy.
 
-    python bench/plot_runs.py docs/arc_easy_table4.png runs/arc_easy-mask-mlp-rl runs/arc_easy-mask-attn-rl ...
+    python bench/plot_runs.py docs/arc_easy_group.png runs/arc_easy-g8-lr2e-3-t8 runs/arc_easy-group8-shuffle ...
+    python bench/plot_runs.py --valid-only docs/arc_easy_table4.png runs/arc_easy-mask-mlp-rl ...
 
 Each line is one run folder's metrics.jsonl, labelled with what was trained and how (its config.json).
 Needs matplotlib.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,29 +22,72 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def label(config: dict) -> str:
     trained = "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['targets']}"
-    return f"{trained}, {config.get('objective', 'rl')}"
+    text = f"{trained}, {config.get('objective', 'rl')}"
+    if config.get("objective", "rl") == "rl":
+        text += f", {config.get('baseline', 'mean')}"
+        if config.get("samples", 1) > 1:
+            text += f" K={config['samples']}"
+        if config.get("scale_by_std"):
+            text += " /std"
+        if config.get("shuffle_options"):
+            text += ", shuffled"
+        text += f", lr {config['lr']:g}"
+        if config.get("kl"):
+            text += f", KL {config['kl']:g}"
+    return text
 
 
-def main(out: str, folders: list[str]):
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    task = None
-    for folder in map(Path, folders):
+def smoothed(steps, values, window: int):
+    """Mean over consecutive windows of `window` steps, placed at each window's last step."""
+    out_steps, out_values = [], []
+    for start in range(0, len(values) - window + 1, window):
+        out_steps.append(steps[start + window - 1])
+        out_values.append(sum(values[start:start + window]) / window)
+    return out_steps, out_values
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--smooth", type=int, default=10)
+    parser.add_argument("--valid-only", action="store_true", help="one panel: validation accuracy")
+    args = parser.parse_args(argv)
+    panels = 1 if args.valid_only else 3
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 if panels == 1 else 15, 3.8), squeeze=False)
+    axes = axes[0]
+    task, n = None, "?"
+    for folder in map(Path, args.runs):
         config = json.loads((folder / "config.json").read_text())
         task = config["task"]
         history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
         valid = [h for h in history if "valid_accuracy" in h]
-        ax.plot([h["step"] for h in valid], [h["valid_accuracy"] for h in valid], marker="o", label=label(config))
-    n = valid[0]["valid_n"] if folders and valid else "?"
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{task} validation accuracy (n={n})")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+        n = valid[0]["valid_n"] if valid else n
+        line, = axes[0].plot([h["step"] for h in valid], [h["valid_accuracy"] for h in valid], marker="o",
+                             label=label(config))
+        if panels == 1:
+            continue
+        train = [h for h in history if "reward" in h]
+        axes[1].plot(*smoothed([h["step"] for h in train], [h["reward"] for h in train], args.smooth),
+                     color=line.get_color())
+        groups = [h for h in train if "equal_groups" in h]
+        if groups:
+            axes[2].plot(*smoothed([h["step"] for h in groups], [h["equal_groups"] for h in groups], args.smooth),
+                         color=line.get_color())
+    axes[0].set_ylabel(f"{task} validation accuracy (n={n})")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    if panels == 3:
+        axes[1].set_ylabel(f"mean reward (±1), {args.smooth}-step mean")
+        axes[1].set_ylim(-1, 1)
+        axes[2].set_ylabel(f"prompts with no gradient (share), {args.smooth}-step mean")
+        axes[2].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    main()
