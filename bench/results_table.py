@@ -2,13 +2,18 @@
 in the tables is read from the run that made it rather than copied by hand.
 
     python bench/results_table.py train runs/cls-mask-mlp-rl runs/arc_easy-mask-mlp-rl
+    python bench/results_table.py recipes runs/arc_easy-g8-lr2e-3-t8 ...   # the RL recipe's settings, paired test difference
     python bench/results_table.py adapt runs/adapt-*-arc_challenge.json
     python bench/results_table.py table2 runs       # the paper's Table 2 layout from runs/adapt-*.json
 """
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import evaluate  # noqa: E402
 
 
 def interval(values) -> str:
@@ -30,6 +35,49 @@ def train_rows(folders):
               f"| {s['valid_before']:.2f} → {s['valid_best']:.2f} ({valid_n}) | {s['test_n']} "
               f"| {s['test_base']:.3f} ({interval(s['test_base_interval'])}) "
               f"| {s['test_expert']:.3f} ({interval(s['test_expert_interval'])}) | {s['minutes']:.0f} | `{config['command']}` |")
+
+
+def recipe(config: dict) -> str:
+    """The RL settings that differ between runs: baseline, K, std scaling, shuffled options, lr, KL λ,
+    reply budget."""
+    text = config["baseline"]
+    if config.get("samples", 1) > 1:
+        text += f" K={config['samples']} T={config['temperature']:g}"
+    if config.get("scale_by_std"):
+        text += ", /std"
+    if config.get("shuffle_options"):
+        text += ", shuffled"
+    return text + f", lr {config['lr']:g}, KL {config['kl']:g}, {config['max_new_tokens']} tokens"
+
+
+def recipe_rows(folders):
+    """One row per RL run: its recipe, validation, the test accuracies and their paired difference on
+    the same test prompts (from test-base.jsonl and test-expert.jsonl), and, for multiple-choice tasks,
+    the share of the expert's test replies that open with its most common first character (a policy
+    that answers one letter to everything shows here)."""
+    print("| task | trained | recipe | steps (best) | valid before → best (n) | test n | test base | test expert "
+          "| paired difference (95%) | commonest opening | minutes | command |")
+    print("|---|---|---|---:|---|---:|---:|---:|---|---|---:|---|")
+    for folder in map(Path, folders):
+        config = json.loads((folder / "config.json").read_text())
+        s = json.loads((folder / "summary.json").read_text())
+        trained = f"SVF {config['param']} {config['targets']}"
+        records = {}
+        for side in ("base", "expert"):
+            lines = (folder / f"test-{side}.jsonl").read_text().splitlines()
+            records[side] = {r["id"]: r for r in map(json.loads, filter(str.strip, lines))}
+        ids = [i for i in records["base"] if i in records["expert"]]
+        paired = evaluate.paired_difference([bool(records["base"][i]["correct"]) for i in ids],
+                                            [bool(records["expert"][i]["correct"]) for i in ids])
+        low, high = paired["interval"]
+        opening = "-"
+        if s["task"].startswith("arc"):
+            first, count = Counter(records["expert"][i]["completion"].strip()[:1] for i in ids).most_common(1)[0]
+            opening = f'"{first}" {count / len(ids):.0%}'
+        print(f"| {s['task']} | {trained} | {recipe(config)} | {s['steps']} ({s['best_step']}) "
+              f"| {s['valid_before']:.3f} → {s['valid_best']:.3f} ({config.get('eval_limit') or 'all'}) | {len(ids)} "
+              f"| {s['test_base']:.3f} | {s['test_expert']:.3f} | {paired['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+              f"| {opening} | {s['minutes']:.0f} | `{config['command']}` |")
 
 
 def adapt_rows(files):
@@ -77,7 +125,7 @@ def table2(folders):
 
 
 if __name__ == "__main__":
-    commands = {"train": train_rows, "adapt": adapt_rows, "table2": table2}
+    commands = {"train": train_rows, "recipes": recipe_rows, "adapt": adapt_rows, "table2": table2}
     if len(sys.argv) < 2 or sys.argv[1] not in commands or (sys.argv[1] != "table2" and len(sys.argv) < 3):
         sys.exit(__doc__)
     commands[sys.argv[1]](sys.argv[2:])
