@@ -50,14 +50,27 @@ def recipe(config: dict) -> str:
     return text + f", lr {config['lr']:g}, KL {config['kl']:g}, {config['max_new_tokens']} tokens"
 
 
+def letter_chance(task_name: str, records: dict, ids: list) -> float:
+    """What a policy that picks its letters without reading the question would score with the same
+    letter frequencies: the sum over letters of (share of replies choosing it) x (share of questions
+    whose answer it is). An accuracy near this is position bias, not knowledge."""
+    import tasks
+
+    answers = {e["id"]: e["answerKey"] for e in tasks.get(task_name).load("test")}
+    chosen = Counter(records[i]["extracted"] for i in ids)
+    gold = Counter(answers[i] for i in ids)
+    return sum(chosen[letter] * gold[letter] for letter in gold) / len(ids) ** 2
+
+
 def recipe_rows(folders):
     """One row per RL run: its recipe, validation, the test accuracies and their paired difference on
     the same test prompts (from test-base.jsonl and test-expert.jsonl), and, for multiple-choice tasks,
     the share of the expert's test replies that open with its most common first character (a policy
-    that answers one letter to everything shows here)."""
+    that answers one letter to everything shows here) and what base and expert would score by their
+    letter frequencies alone (letter_chance)."""
     print("| task | trained | recipe | steps (best) | valid before → best (n) | test n | test base | test expert "
-          "| paired difference (95%) | commonest opening | minutes | command |")
-    print("|---|---|---|---:|---|---:|---:|---:|---|---|---:|---|")
+          "| paired difference (95%) | commonest opening | chance at its letters, base → expert | minutes | command |")
+    print("|---|---|---|---:|---|---:|---:|---:|---|---|---|---:|---|")
     for folder in map(Path, folders):
         config = json.loads((folder / "config.json").read_text())
         s = json.loads((folder / "summary.json").read_text())
@@ -70,14 +83,15 @@ def recipe_rows(folders):
         paired = evaluate.paired_difference([bool(records["base"][i]["correct"]) for i in ids],
                                             [bool(records["expert"][i]["correct"]) for i in ids])
         low, high = paired["interval"]
-        opening = "-"
+        opening = chance = "-"
         if s["task"].startswith("arc"):
             first, count = Counter(records["expert"][i]["completion"].strip()[:1] for i in ids).most_common(1)[0]
             opening = f'"{first}" {count / len(ids):.0%}'
+            chance = " → ".join(f"{letter_chance(s['task'], records[side], ids):.3f}" for side in ("base", "expert"))
         print(f"| {s['task']} | {trained} | {recipe(config)} | {s['steps']} ({s['best_step']}) "
               f"| {s['valid_before']:.3f} → {s['valid_best']:.3f} ({config.get('eval_limit') or 'all'}) | {len(ids)} "
               f"| {s['test_base']:.3f} | {s['test_expert']:.3f} | {paired['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
-              f"| {opening} | {s['minutes']:.0f} | `{config['command']}` |")
+              f"| {opening} | {chance} | {s['minutes']:.0f} | `{config['command']}` |")
 
 
 def adapt_rows(files):
