@@ -142,7 +142,8 @@ def pack_replies(prompts, completions, window: int | None = None):
     ARC prompt and 8-token replies, a group of 8 is 174 tokens instead of 944). Gradients through the
     shared prompt sum over its replies, as they would over K separate copies. The saving shrinks as
     replies grow: a packed row's attention costs the square of its whole length (with 8 replies of 256
-    tokens after a 150-token prompt, about what the 8 unpacked rows cost).
+    tokens after a 150-token prompt, about what the 8 unpacked rows cost by a count of operations;
+    not timed).
 
     Returns tokens (G, S), positions (G, S), mask (G, 1, S, S) (True where a query may attend to a key),
     and source_row (B,), source_slot (B, L): the row and slot whose hidden state predicts token t of

@@ -20,13 +20,17 @@ def interval(values) -> str:
     return f"{values[0]:.3f}-{values[1]:.3f}"
 
 
+def run_files(folder: Path) -> tuple[dict, dict]:
+    """A train.py run folder's config.json and summary.json."""
+    return (json.loads((folder / "config.json").read_text()), json.loads((folder / "summary.json").read_text()))
+
+
 def train_rows(folders):
     print("| task | trained | objective, baseline | steps (best) | valid before → best (n) | test n | test base (95% CI) "
           "| test expert (95% CI) | minutes | command |")
     print("|---|---|---|---:|---|---:|---|---|---:|---|")
     for folder in map(Path, folders):
-        config = json.loads((folder / "config.json").read_text())
-        s = json.loads((folder / "summary.json").read_text())
+        config, s = run_files(folder)
         trained = "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['param']} {config['targets']}"
         valid_n = config.get("eval_limit") or "all"
         objective = config.get("objective", "rl")
@@ -72,8 +76,7 @@ def recipe_rows(folders):
           "| paired difference (95%) | commonest opening | chance at its letters, base → expert | minutes | command |")
     print("|---|---|---|---:|---|---:|---:|---:|---|---|---|---:|---|")
     for folder in map(Path, folders):
-        config = json.loads((folder / "config.json").read_text())
-        s = json.loads((folder / "summary.json").read_text())
+        config, s = run_files(folder)
         trained = f"SVF {config['param']} {config['targets']}"
         records = {}
         for side in ("base", "expert"):
