@@ -19,22 +19,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import results_table  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
+
 
 def label(config: dict) -> str:
-    trained = "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['targets']}"
-    text = f"{trained}, {config.get('objective', 'rl')}"
-    if config.get("objective", "rl") == "rl":
-        text += f", {config.get('baseline', 'mean')}"
-        if config.get("samples", 1) > 1:
-            text += f" K={config['samples']}"
-        if config.get("scale_by_std"):
-            text += " /std"
-        if config.get("shuffle_options"):
-            text += ", shuffled"
-        text += f", lr {config['lr']:g}"
-        if config.get("kl"):
-            text += f", KL {config['kl']:g}"
-    return text
+    """A line's legend: what was trained and, for RL, results_table's recipe (baseline, K, lr, KL...)."""
+    objective = config.get("objective", "rl")
+    text = f"{results_table.trained(config)}, {objective}"
+    return text + f", {results_table.recipe(config)}" if objective == "rl" else text
 
 
 def smoothed(steps, values, window: int):

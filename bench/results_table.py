@@ -31,20 +31,24 @@ def train_rows(folders):
     print("|---|---|---|---:|---|---:|---|---|---:|---|")
     for folder in map(Path, folders):
         config, s = run_files(folder)
-        trained = "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['param']} {config['targets']}"
         valid_n = config.get("eval_limit") or "all"
         objective = config.get("objective", "rl")
         objective += f", {config['baseline']}" if objective == "rl" else ", -"
-        print(f"| {s['task']} | {trained} | {objective} | {s['steps']} ({s['best_step']}) "
+        print(f"| {s['task']} | {trained(config)} | {objective} | {s['steps']} ({s['best_step']}) "
               f"| {s['valid_before']:.2f} → {s['valid_best']:.2f} ({valid_n}) | {s['test_n']} "
               f"| {s['test_base']:.3f} ({interval(s['test_base_interval'])}) "
               f"| {s['test_expert']:.3f} ({interval(s['test_expert_interval'])}) | {s['minutes']:.0f} | `{config['command']}` |")
 
 
+def trained(config: dict) -> str:
+    """What a run trained: LoRA on q, v or SVF with its parametrisation and target matrices."""
+    return "LoRA q,v" if config.get("method") == "lora" else f"SVF {config['param']} {config['targets']}"
+
+
 def recipe(config: dict) -> str:
     """The RL settings that differ between runs: baseline, K, std scaling, shuffled options, lr, KL λ,
-    reply budget."""
-    text = config["baseline"]
+    reply budget. Configs written before an option existed lack its key and had its default."""
+    text = config.get("baseline", "mean")
     if config.get("samples", 1) > 1:
         text += f" K={config['samples']} T={config['temperature']:g}"
     if config.get("scale_by_std"):
@@ -77,7 +81,6 @@ def recipe_rows(folders):
     print("|---|---|---|---:|---|---:|---:|---:|---|---|---|---:|---|")
     for folder in map(Path, folders):
         config, s = run_files(folder)
-        trained = f"SVF {config['param']} {config['targets']}"
         records = {}
         for side in ("base", "expert"):
             lines = (folder / f"test-{side}.jsonl").read_text().splitlines()
@@ -91,7 +94,7 @@ def recipe_rows(folders):
             first, count = Counter(records["expert"][i]["completion"].strip()[:1] for i in ids).most_common(1)[0]
             opening = f'"{first}" {count / len(ids):.0%}'
             chance = " → ".join(f"{letter_chance(s['task'], records[side], ids):.3f}" for side in ("base", "expert"))
-        print(f"| {s['task']} | {trained} | {recipe(config)} | {s['steps']} ({s['best_step']}) "
+        print(f"| {s['task']} | {trained(config)} | {recipe(config)} | {s['steps']} ({s['best_step']}) "
               f"| {s['valid_before']:.3f} → {s['valid_best']:.3f} ({config.get('eval_limit') or 'all'}) | {len(ids)} "
               f"| {s['test_base']:.3f} | {s['test_expert']:.3f} | {paired['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
               f"| {opening} | {chance} | {s['minutes']:.0f} | `{config['command']}` |")
