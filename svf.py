@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import model as m
 
 TARGETS = {
@@ -169,7 +170,7 @@ def weight_fingerprint(model: m.Transformer, names: list[str]) -> str:
 
 
 def svd_cache_path(key: str) -> Path:
-    return m.CACHE_DIR / "svd" / f"svd-{key[:20]}.safetensors"
+    return common.CACHE_DIR / "svd" / f"svd-{key[:20]}.safetensors"
 
 
 def decompose(model: m.Transformer, names: list[str], cache: bool = True, progress: bool = True):
@@ -200,7 +201,7 @@ def decompose(model: m.Transformer, names: list[str], cache: bool = True, progre
         factors[name] = (U.to(dtype).contiguous(), S, Vh.to(dtype).contiguous())
     if cache:
         tensors = {f"{n}.{part}": t.cpu() for n, f in factors.items() for part, t in zip(("U", "S", "Vh"), f)}
-        with m.atomic_path(path) as tmp:
+        with common.atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"key": key, "names": json.dumps(names)})
     return factors
 
@@ -334,7 +335,7 @@ class SVF:
         from safetensors.torch import save_file
 
         path = Path(path)
-        with m.atomic_path(path) as tmp:
+        with common.atomic_path(path) as tmp:
             save_file(self.state(), tmp, metadata=self.metadata(**extra))
         return path
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import evaluate
 import generate as gen
 import model as m
@@ -96,38 +97,38 @@ def parse_args(argv=None):
     p.add_argument("--baseline", choices=("group", "mean", "none"),
                    help="advantage: group, r minus the mean of the other replies to the same prompt (needs --samples "
                         ">= 2); mean, r - mean(r) over the batch; none, r (the paper's exact setting)")
-    p.add_argument("--samples", type=m.positive_int, help="replies sampled per prompt, K (1: the paper's setting)")
+    p.add_argument("--samples", type=common.positive_int, help="replies sampled per prompt, K (1: the paper's setting)")
     p.add_argument("--scale-by-std", action="store_true", default=None,
                    help="divide each prompt's group advantages by the std of its K rewards (as GRPO)")
     p.add_argument("--shuffle-options", action="store_true", default=None,
                    help="multiple-choice tasks: train on the options in a new random order every time a prompt is used")
-    p.add_argument("--batch-size", type=m.positive_int, help="prompts per update (the paper: 256)")
-    p.add_argument("--micro-batch", type=m.positive_int,
+    p.add_argument("--batch-size", type=common.positive_int, help="prompts per update (the paper: 256)")
+    p.add_argument("--micro-batch", type=common.positive_int,
                    help="replies per forward+backward (gradient accumulation); a step has batch-size x samples")
-    p.add_argument("--gen-batch", type=m.positive_int, help="rows of the generation batch (replies decoded at once)")
-    p.add_argument("--steps", type=m.positive_int, help="updates (default: --epochs over the train split)")
+    p.add_argument("--gen-batch", type=common.positive_int, help="rows of the generation batch (replies decoded at once)")
+    p.add_argument("--steps", type=common.positive_int, help="updates (default: --epochs over the train split)")
     p.add_argument("--epochs", type=positive_float)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--clip", type=positive_float, help="max gradient norm")
-    p.add_argument("--max-new-tokens", type=m.positive_int)
+    p.add_argument("--max-new-tokens", type=common.positive_int)
     p.add_argument("--temperature", type=non_negative_float, help="rollout sampling; 0 is greedy, as the reference code")
-    p.add_argument("--eval-every", type=m.positive_int)
-    p.add_argument("--eval-limit", type=m.positive_int, help="validation examples per evaluation (default: all)")
-    p.add_argument("--test-limit", type=m.positive_int, help="test examples in the final evaluation (default: all)")
+    p.add_argument("--eval-every", type=common.positive_int)
+    p.add_argument("--eval-limit", type=common.positive_int, help="validation examples per evaluation (default: all)")
+    p.add_argument("--test-limit", type=common.positive_int, help="test examples in the final evaluation (default: all)")
     p.add_argument("--autocast", choices=("bf16", "none"), help="bf16 autocast for forward+backward")
-    p.add_argument("--seed", type=m.non_negative_int, default=0)
+    p.add_argument("--seed", type=common.non_negative_int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<task>-<param>-<targets>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, deleting its files")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=m.positive_int, default=None)
+    p.add_argument("--threads", type=common.positive_int, default=None)
     p.add_argument("--method", choices=("svf", "lora"), default="svf", help="what is trained: SVF z vectors or LoRA (q, v)")
     p.add_argument("--objective", choices=("rl", "nexttoken"), default="rl",
                    help="REINFORCE on the task's reward, or supervised next-token loss on reference replies")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the SVF training forward and the decode step of the rollouts and "
                         "evaluations (auto: on a GPU; on a CPU it did not help in bench/svf.py)")
-    p.add_argument("--dtype", choices=m.DTYPES, default="auto", help=m.DTYPE_HELP)
+    p.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
     p.add_argument("--label-rule", choices=("strict", "lenient"),
                    help="--task cls only: how a reply names its category, for the reward: strict, boxed only (the "
                         "paper's rule); lenient (default), else the first category word")
@@ -168,7 +169,7 @@ def make_task(config) -> tasks.Task:
 
 def resolve_config(args) -> dict:
     """Flags given on the command line win; the rest come from the preset."""
-    device = torch.device(args.device) if args.device else m.default_device()
+    device = torch.device(args.device) if args.device else common.default_device()
     preset = args.preset if args.preset != "auto" else ("cpu" if device.type == "cpu" else "paper")
     config = dict(PAPER)
     if preset == "cpu":
@@ -178,11 +179,11 @@ def resolve_config(args) -> dict:
     for key, value in vars(args).items():
         if value is not None or key not in config:
             config[key] = value
-    if preset == "cpu" and args.autocast is None and device.type == "cpu" and not m.cpu_has_native_bf16():
-        config["autocast"] = "none"  # emulated bf16 is many times slower than fp32 (m.cpu_has_native_bf16)
+    if preset == "cpu" and args.autocast is None and device.type == "cpu" and not common.cpu_has_native_bf16():
+        config["autocast"] = "none"  # emulated bf16 is many times slower than fp32 (common.cpu_has_native_bf16)
     config["preset"] = preset
     config["device"] = str(device)
-    config["compile"] = m.compile_wanted(args.compile, device)
+    config["compile"] = common.compile_wanted(args.compile, device)
     config["max_new_tokens"] = config["max_new_tokens"] or tasks.get(args.task).max_new_tokens
     # A preset's micro-batch can exceed a smaller --batch-size; the batch then goes in one pass, the same
     # update, and the config says so.
@@ -209,7 +210,7 @@ def batches(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]
 
 def save_checkpoint(path: Path, state: dict):
     """torch.save to a temporary file, then rename: an interrupted write never replaces a good checkpoint."""
-    with m.atomic_path(path) as tmp:
+    with common.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -410,7 +411,7 @@ def main(argv=None):
     if state is None:
         start_fresh(out, config["overwrite"], rank)
     out.mkdir(parents=True, exist_ok=True)
-    threads = m.set_threads(args.threads)
+    threads = common.set_threads(args.threads)
     if rank != 0:  # process 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
     print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU_PRESET in train.py)" if config["preset"] == "cpu" else ""))
@@ -420,7 +421,7 @@ def main(argv=None):
     train_set, valid_set = task.load("train"), task.load(VALID_SPLIT)[: config["eval_limit"]]
     test_set = task.load("test")[: config["test_limit"]]
     steps = config["steps"] or max(int(config["epochs"] * len(train_set) / config["batch_size"]), 1)
-    model, tokenizer = m.load(config["model"], dtype=m.DTYPES[config["dtype"]], device=config["device"],
+    model, tokenizer = m.load(config["model"], dtype=common.DTYPES[config["dtype"]], device=config["device"],
                               probe_rows=config["gen_batch"])
     config["weights_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     if config["compile"]:
@@ -448,7 +449,7 @@ def main(argv=None):
         # A run killed after logging a step but before its checkpoint left records past the checkpoint; the
         # resumed run repeats those steps. The checkpoint's history is the log up to its step, so the file
         # restarts from it (atomically) and every step appears once.
-        with m.atomic_path(metrics_path) as tmp:
+        with common.atomic_path(metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
         (out / "config.json").write_text(json.dumps(config, indent=2))
 

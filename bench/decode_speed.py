@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
 import generate as gen  # noqa: E402
 import model as m  # noqa: E402
 
@@ -103,8 +104,8 @@ def main():
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    threads = m.set_threads(args.threads)
-    folder = m.resolve(args.model)
+    threads = common.set_threads(args.threads)
+    folder = common.resolve(args.model)
     model, tokenizer = m.load(folder, dtype=torch.float32, device="cpu")
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     pad_id = tokenizer.pad_id

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from decode_speed import left_padded  # noqa: E402  (bench/, this script's folder)
+import common  # noqa: E402
 import generate as gen  # noqa: E402
 import model as m  # noqa: E402
 import reinforce  # noqa: E402
@@ -238,7 +239,7 @@ def bench_rl(args, folder):
     rl = {**RL, **(RL_QUICK if args.quick else {})}
     task = tasks.get(rl["task"])
     examples = task.load("train")[: rl["prompts"]]
-    autocast = torch.bfloat16 if m.cpu_has_native_bf16() else None  # train.py's CPU preset
+    autocast = torch.bfloat16 if common.cpu_has_native_bf16() else None  # train.py's CPU preset
     paths = {
         f"old: {OLD_COMMIT} model.generate, one batch of {len(examples)}": (
             lambda: old_model.load(folder, dtype=torch.float32, device="cpu"),
@@ -285,12 +286,12 @@ def main():
     parser.add_argument("--new-dtype", choices=("auto", *DTYPES), default="auto",
                         help="the RL step's new path; auto: what model.load picks by itself")
     parser.add_argument("--no-rl", action="store_true", help="skip the RL step")
-    parser.add_argument("--threads", type=m.positive_int, default=None)
+    parser.add_argument("--threads", type=common.positive_int, default=None)
     args = parser.parse_args()
 
     global old_model
-    threads = m.set_threads(args.threads)
-    folder = m.resolve(args.model)
+    threads = common.set_threads(args.threads)
+    folder = common.resolve(args.model)
     old_model = import_old_model()
     print(cpu_description())
     print(f"model {folder.name}, cpu, torch threads {threads}, torch {torch.__version__}, generate.py from {gen.__file__}")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
 import model as m  # noqa: E402
 import svf  # noqa: E402
 
@@ -195,7 +196,7 @@ def main():
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
     args = parser.parse_args()
 
-    threads = m.set_threads(args.threads)
+    threads = common.set_threads(args.threads)
     model, _ = m.load() if args.model is None else m.load(args.model, dtype=torch.float32, device="cpu")
     p = model.embed.weight
     tokens = torch.randint(0, model.args.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))

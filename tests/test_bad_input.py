@@ -14,7 +14,9 @@ import adapt
 import evaluate
 import generate as gen
 import lora
+import common
 import model as m
+from tokenizer import Tokenizer
 import svf
 import tasks
 from conftest import evaluate_main_inputs
@@ -166,13 +168,13 @@ def test_damaged_weight_file_names_the_file(model_copy, damage):
 def test_malformed_tokenizer_file_names_the_file(model_copy, name):
     (model_copy / name).write_text('{"version": "1.0", "model": ')
     with pytest.raises(ValueError) as refused:
-        m.Tokenizer(model_copy)
+        Tokenizer(model_copy)
     assert_names_file(refused.value, model_copy / name)
 
 
 def test_damaged_default_model_says_to_delete_and_rebuild(tiny_llama, tmp_path, monkeypatch):
     """The default model built offline lives in CACHE_DIR/models; deleting it makes the next run rebuild it."""
-    monkeypatch.setattr(m, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
     folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
     shutil.copytree(tiny_llama, folder)
     (folder / "config.json").write_text("{")

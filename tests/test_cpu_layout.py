@@ -13,6 +13,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import lora
+import common
 import model as m
 import svf
 from conftest import ROOT, TINY, write_tiny_tokenizer
@@ -23,7 +24,7 @@ def one_thread_and_private_cache(monkeypatch, tmp_path):
     """One torch thread (tiny matrices gain nothing from threads); the SVD cache in a temporary folder."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(m, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
     yield
     torch.set_num_threads(threads)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import generate as gen
 import model as m
 
@@ -43,7 +44,7 @@ def test_logits_match_transformers_on_the_real_model(default_model):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = default_model
-    hf = AutoModelForCausalLM.from_pretrained(m.resolve(), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(common.resolve(), dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer.encode(PARAGRAPH)[:48]])
     with torch.no_grad():
         expected = hf(ids).logits

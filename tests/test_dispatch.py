@@ -6,7 +6,6 @@ import torch
 
 import cem
 import dispatch
-import evaluate
 import generate as gen
 import model as m
 import svf as svf_lib

@@ -5,6 +5,7 @@ fixed-shape (compiled) path, and the CPU dtype probe."""
 import pytest
 import torch
 
+import common
 import generate as gen
 import model as m
 from conftest import tiny_hf_model
@@ -216,10 +217,10 @@ def test_dtype_probe_leaves_a_trainable_model(tiny_llama, monkeypatch):
     """load() with no dtype on a CPU with bf16 in hardware times both dtypes and keeps the faster; the
     weights it leaves are ordinary tensors (gradients can flow through them), in one dtype."""
     monkeypatch.delenv("T2_DTYPE", raising=False)
-    monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
     calls = []
-    real_probe = m.probe_cpu_dtype
-    monkeypatch.setattr(m, "probe_cpu_dtype", lambda model, rows: calls.append(rows) or real_probe(model, rows))
+    real_probe = common.probe_cpu_dtype
+    monkeypatch.setattr(common, "probe_cpu_dtype", lambda model, rows: calls.append(rows) or real_probe(model, rows))
     model, _ = m.load(tiny_llama, device="cpu", probe_rows=5)
     assert calls == [5]
     dtypes = {p.dtype for p in model.parameters()}
@@ -237,8 +238,8 @@ def test_dtype_probe_picks_the_faster(tiny_llama, monkeypatch):
         def forward(tokens, slow=slow):  # a model whose cost depends on its weights' dtype
             ticks[0] += 10 if model.embed.weight.dtype == slow else 1
         ticks = [0]
-        monkeypatch.setattr(m.time, "perf_counter", lambda: ticks[0])
+        monkeypatch.setattr(common.time, "perf_counter", lambda: ticks[0])
         monkeypatch.setattr(model, "forward", forward)
-        chosen, seconds = m.probe_cpu_dtype(model, rows=4)
+        chosen, seconds = common.probe_cpu_dtype(model, rows=4)
         assert chosen == fast and model.embed.weight.dtype == fast
         assert seconds == {slow: 10, fast: 1}

