@@ -248,10 +248,6 @@ def env_dtype() -> torch.dtype | None:
     return DTYPES[value]
 
 
-# ----------------------------------------------------------------------------------------------
-# Files and command-line values
-
-
 def free_cores(sample_seconds: float = 0.2) -> int:
     """Cores not busy right now, from /proc/stat: a torch job with more threads than free cores slows
     down badly (threads wait on each other behind a busy core)."""
@@ -270,6 +266,17 @@ def free_cores(sample_seconds: float = 0.2) -> int:
         return max(1, min(cores, round(total * (1 - busy_fraction))))
     except (OSError, ValueError):
         return cores
+
+
+def set_threads(threads: int | None = None) -> int:
+    """torch threads: the given number, else T2_THREADS, else the cores free now."""
+    threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes and command-line values
 
 
 @contextlib.contextmanager
@@ -310,10 +317,3 @@ def _bounded_int(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"{value} is below {low}; give an integer >= {low}")
     return value
-
-
-def set_threads(threads: int | None = None) -> int:
-    """torch threads: the given number, else T2_THREADS, else the cores free now."""
-    threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
-    torch.set_num_threads(threads)
-    return threads

@@ -1,4 +1,4 @@
-"""A single-file Llama / Mistral / Qwen2 transformer that loads Hugging Face checkpoints directly.
+"""A Llama / Mistral / Qwen2 transformer that loads Hugging Face checkpoints directly.
 
 Read top to bottom: configuration, RMSNorm, rotary embeddings, attention with a preallocated KV cache,
 MLP, block, transformer (a full forward, prefill and the decode step), the checkpoint's names and
@@ -25,8 +25,7 @@ from common import DEFAULT_MODEL
 from tokenizer import Tokenizer
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
+# ---- Configuration
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -74,39 +73,26 @@ class ModelArgs:
             raise ValueError(f"unsupported rope scaling {rope_type!r}: implemented are default, llama3, linear")
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
 
-        sliding_window = config.get("sliding_window")
-        if family == "qwen2":
-            if config.get("use_sliding_window"):
-                raise ValueError("unsupported config: Qwen2 use_sliding_window=true (per-layer windows)")
-            sliding_window = None
-        elif family == "llama":
-            sliding_window = None  # Llama configs carry no window
-
-        n_heads = config["num_attention_heads"]
+        if family == "qwen2" and config.get("use_sliding_window"):
+            raise ValueError("unsupported config: Qwen2 use_sliding_window=true (per-layer windows)")
+        n_heads, bias = config["num_attention_heads"], bool(config.get("attention_bias"))
         return cls(
-            family=family,
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=n_heads,
+            family=family, dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads") or n_heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-            hidden_dim=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
+            hidden_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope_scaling,
             max_seq_len=config.get("max_position_embeddings", 8192),
-            sliding_window=sliding_window,
-            qkv_bias=family == "qwen2" or bool(config.get("attention_bias")),
-            o_bias=family == "llama" and bool(config.get("attention_bias")),
+            # Only Mistral's window is read: Llama configs carry none, and Qwen2's is off (refused above).
+            sliding_window=config.get("sliding_window") if family == "mistral" else None,
+            qkv_bias=family == "qwen2" or bias,  # Qwen2 always has q, k, v biases
+            o_bias=family == "llama" and bias,  # Llama's attention_bias also puts one on o_proj
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            bos_id=config.get("bos_token_id"),
-            eos_ids=common.as_list(config.get("eos_token_id", 2)),
+            bos_id=config.get("bos_token_id"), eos_ids=common.as_list(config.get("eos_token_id", 2)),
         )
 
 
-# ----------------------------------------------------------------------------------------------
-# The network
+# ---- The network
 
 
 class RMSNorm(nn.Module):
@@ -123,10 +109,8 @@ class RMSNorm(nn.Module):
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies θ_i = base^(-2i/d), with Llama-3.1 / linear context scaling applied."""
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    scaling = args.rope_scaling
-    if scaling is None:
-        pass
-    elif scaling["rope_type"] == "linear":
+    scaling = args.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif scaling["rope_type"] == "llama3":
         # Llama 3.1: leave high frequencies (short wavelengths) alone, divide low ones by `factor`,
@@ -311,8 +295,7 @@ class Transformer(nn.Module):
             layer.attn.cache = None
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading weights
+# ---- Loading weights
 
 
 def hf_name_map(args: ModelArgs) -> dict[str, str]:
@@ -339,9 +322,7 @@ def hf_name_map(args: ModelArgs) -> dict[str, str]:
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None, device=None,
          probe_rows: int = 16):
     """Load (model, tokenizer) from a folder or hub id. Weights are assigned into a meta-device model,
-    so nothing is allocated twice.
-
-    dtype None: T2_DTYPE if set, else bf16 on a GPU; on a CPU fp32, or bf16 when the CPU has bf16 in
+    so nothing is allocated twice. dtype None: T2_DTYPE if set, else bf16 on a GPU; on a CPU fp32, or bf16 when the CPU has bf16 in
     hardware and probe_cpu_dtype finds it faster at probe_rows rows (say how many rows the caller's
     batches have). The choice is printed."""
     folder = common.resolve(name_or_path)
