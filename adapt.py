@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--mode", required=True, choices=("none", "prompt", "cls", "fewshot", "expert"))
     p.add_argument("--task", default="arc_challenge", choices=sorted(set(tasks.TASKS) - {"cls"}))
     p.add_argument("--experts", default=DEFAULTS["experts"], help="folder of expert files")
-    p.add_argument("--expert-name", default=None, help="for --mode expert: code, math or reasoning")
+    p.add_argument("--expert-name", default=None, help="for --mode expert: an expert's category (code, math, reasoning, ...)")
     p.add_argument("--lora", default=None,
                    help="LoRA file (train.py --method lora) on q and v under every mode; with --mode none, "
                         "the LoRA row of the paper's Table 2")
@@ -63,7 +63,7 @@ def main(argv=None):
     p.add_argument("--threads", type=common.positive_int, default=None)
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
-        p.error("--mode expert needs --expert-name (code, math or reasoning)")
+        p.error("--mode expert needs --expert-name (an expert's category: code, math, reasoning, ...)")
 
     task = tasks.get(args.task)
     split = args.split or DEFAULT_SPLIT.get(args.task, "test")
@@ -89,15 +89,15 @@ def main(argv=None):
     start = time.perf_counter()
     pass1_replies = [None] * len(scored)
     if args.mode in ("prompt", "cls"):
-        trained_rule = experts.get("classifier", (None, {}))[1].get("label_rule", "lenient")
+        trained_rule = experts.get(dispatch.CLASSIFIER, (None, {}))[1].get("label_rule", "lenient")
         rule = args.label_rule or (trained_rule if args.mode == "cls" else "strict")
         choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
                                               strict=rule == "strict")
-        truth = dispatch.CATEGORY_OF_TASK[task.name]
+        truth = task.category
         report["label_rule"] = rule
         report["chosen"] = dict(Counter(c or "base (others / unreadable)" for c in choices))
         for each in ("strict", "lenient"):  # both rules on the same replies, for comparison
-            routed = choices if each == rule else two.route(pass1_replies, strict=each == "strict")
+            routed = choices if each == rule else two.route(pass1_replies, each == "strict", args.mode == "cls")
             report[f"classification_accuracy_{each}"] = sum(c == truth for c in routed) / len(routed)
         report["classification_accuracy"] = report[f"classification_accuracy_{rule}"]
     elif args.mode == "fewshot":
@@ -146,7 +146,7 @@ def main(argv=None):
         print(f"chosen experts ({report['label_rule']} rule): {report['chosen']}; classification accuracy "
               f"{report['classification_accuracy']:.3f} (strict {report['classification_accuracy_strict']:.3f}, lenient "
               f"{report['classification_accuracy_lenient']:.3f}; the true category of {task.name} is "
-              f"{dispatch.CATEGORY_OF_TASK[task.name]})")
+              f"{task.category})")
     if "used" in report:
         alpha = ', '.join(f'{k} {v:.3f}' for k, v in report['best_mixture_alpha'].items())
         used = f"α: {alpha}" if report["used"] == "mixture" else f"the base weights (best mixture α: {alpha})"

@@ -26,10 +26,7 @@ import reinforce
 import svf as svf_lib
 import tasks
 
-EXPERT_OF_TASK = {"gsm8k": "math", "mbpp": "code", "arc_easy": "reasoning", "cls": "classifier"}
-EXPERT_NAMES = ("code", "math", "reasoning")  # the order of α
-CATEGORY_OF_TASK = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code",
-                    "arc_easy": "reasoning", "arc_challenge": "reasoning"}
+CLASSIFIER = tasks.Classification.category  # the expert pass 1 uses in mode cls; every other expert is a skill
 CLASSIFY_TOKENS = 32
 
 
@@ -45,8 +42,9 @@ class FewShotChoice:
 
 
 def load_experts(folder) -> dict[str, tuple[dict, dict]]:
-    """{name: (z, metadata)} for the expert files in a folder. The name comes from the task in the
-    metadata (gsm8k -> math, mbpp -> code, arc_easy -> reasoning, cls -> classifier), else the file name."""
+    """{name: (z, metadata)} for the expert files in a folder, any number of them. The name is the
+    category in the metadata (train.py writes its task's: math, code, reasoning, classifier, or a new
+    task's own), else the category of the task it names, else the file name."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
@@ -55,7 +53,8 @@ def load_experts(folder) -> dict[str, tuple[dict, dict]]:
     experts = {}
     for path in files:
         z, meta = svf_lib.read_expert(path)
-        name = EXPERT_OF_TASK.get(meta.get("task"), path.stem)
+        task = meta.get("task")
+        name = meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else path.stem)
         if name in experts:
             raise ValueError(f"two experts for {name!r} in {folder}: keep one")
         experts[name] = (z, meta)
@@ -71,6 +70,9 @@ class TwoPass:
     def __init__(self, model, tokenizer, experts: dict[str, tuple[dict, dict]], batch_size: int = 32):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.experts = {name: z for name, (z, _) in experts.items()}
+        self.skills = sorted(name for name in experts if name != CLASSIFIER)  # pass 1's categories; the order of α
+        classifier = experts.get(CLASSIFIER, (None, {}))[1]
+        self.classifier_categories = tuple(json.loads(classifier.get("categories", "null")) or tasks.CATEGORIES)
         meta = next(iter(experts.values()))[1]
         self.svf = svf_lib.SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
         for name, (z, meta) in experts.items():
@@ -88,23 +90,29 @@ class TwoPass:
 
     # -- pass 1
 
-    def classify(self, questions: list[str], with_classifier: bool, strict: bool = True, progress: bool = True):
-        """The expert each question should use: 'code' / 'math' / 'reasoning', or None for the base
-        weights ('others', or an unreadable reply). strict=True is the paper's rule (the category must be
-        boxed); strict=False also takes the first category word of an unboxed reply, the rule the
-        classification expert's reward used in training (tasks.Classification). Returns
-        (choices, pass-1 replies)."""
-        if with_classifier and "classifier" not in self.experts:
-            raise ValueError("mode cls needs a classification expert (train.py --task cls) in the experts folder")
-        prompts = [self.tokenizer.encode_chat(tasks.classification_messages(q)) for q in questions]
-        with self.use("classifier" if with_classifier else None):
-            replies = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify").texts
-        return self.route(replies, strict), replies
+    def categories(self, with_classifier: bool) -> tuple:
+        """The categories the pass-1 prompt offers: those the classifier was trained on, or (prompt mode)
+        the skills of the experts at hand."""
+        return self.classifier_categories if with_classifier else tuple(self.skills)
 
-    def route(self, replies: list[str], strict: bool = True) -> list:
+    def classify(self, questions: list[str], with_classifier: bool, strict: bool = True, progress: bool = True):
+        """The expert each question should use (a skill's name), or None for the base weights ('others',
+        an unreadable reply, or a category without an expert). strict=True is the paper's rule (the
+        category must be boxed); strict=False also takes the first category word of an unboxed reply,
+        the rule the classification expert's reward used in training (tasks.Classification). Returns
+        (choices, pass-1 replies)."""
+        if with_classifier and CLASSIFIER not in self.experts:
+            raise ValueError("mode cls needs a classification expert (train.py --task cls) in the experts folder")
+        categories = self.categories(with_classifier)
+        prompts = [self.tokenizer.encode_chat(tasks.classification_messages(q, categories)) for q in questions]
+        with self.use(CLASSIFIER if with_classifier else None):
+            replies = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify").texts
+        return self.route(replies, strict, with_classifier), replies
+
+    def route(self, replies: list[str], strict: bool = True, with_classifier: bool = False) -> list:
         """The expert named by each pass-1 reply, or None (base weights) for others / unreadable / no such expert."""
-        categories = [tasks.parse_category(r, strict=strict) for r in replies]
-        return [c if c in self.experts and c in EXPERT_NAMES else None for c in categories]
+        categories = self.categories(with_classifier)
+        return [c if c in self.skills else None for c in (tasks.parse_category(r, strict, categories) for r in replies)]
 
     # -- pass 2
 
@@ -129,7 +137,7 @@ class TwoPass:
     # -- few-shot adaptation
 
     def fewshot_alpha(self, task, shots, settings: cem.Settings, per_layer: bool = False, log=None) -> FewShotChoice:
-        """α over the experts (code, math, reasoning), by CEM on the shots, or the base weights.
+        """α over the skill experts (self.skills, e.g. code, math, reasoning), by CEM on the shots, or the base weights.
 
         A candidate's score is (accuracy on the shots, mean log-likelihood per token of the shots' reference
         replies under the mixture), compared in that order. The paper breaks accuracy ties by the
@@ -138,7 +146,7 @@ class TwoPass:
         candidate, which cost 0.07 on HumanEval. The reference replies' log-likelihood is defined for every
         candidate, so the search always has a signal. The base model is scored the same way, and a mixture
         that does not score above it is not used: on the shots, few-shot adaptation is never below base."""
-        names = [n for n in EXPERT_NAMES if n in self.experts]
+        names = self.skills
         zs = [self.experts[n] for n in names]
         prompts = [self.tokenizer.encode_chat(task.messages(e)) for e in shots]
         references = [self.tokenizer.encode(task.reference(e)) + self.tokenizer.eos_ids[:1] for e in shots]

@@ -102,8 +102,11 @@ def reward(correct: bool) -> float:
 # ------------------------------------------------------------------------------------------ the base task
 
 class Task:
-    """What every task has. Subclasses set name and splits and write _load, prompt and the scoring."""
+    """What every task has. Subclasses set name, category and splits and write _load, prompt and the
+    scoring. The category is the skill an expert trained on the task has (saved in the expert file):
+    pass 1 of adapt.py routes a prompt to the expert of the category it names."""
     name = ""
+    category = ""
     splits = ()
     max_new_tokens = 256  # default reply budget: room for the expected answer, a cap on repetition loops
 
@@ -151,6 +154,7 @@ class Task:
 
 class GSM8K(Task):
     name = "gsm8k"
+    category = "math"
     splits = ("train", "valid", "test")
 
     def _load(self, split):
@@ -190,6 +194,7 @@ class GSM8K(Task):
 
 class MATH(Task):
     name = "math"
+    category = "math"
     max_new_tokens = 512
     splits = ("test", "test500", "shots")
 
@@ -224,6 +229,7 @@ class MATH(Task):
 
 class ARC(Task):
     """ARC-Easy and ARC-Challenge share everything but their name and splits."""
+    category = "reasoning"
     max_new_tokens = 64  # the prompt asks for the letter
 
     def _load(self, split):
@@ -283,6 +289,7 @@ class CodeTask(Task):
     """Scored by running the tests against the solution with judge.py (through sandbox.py): the tests
     run in a process of their own, so a solution that exits early, hooks exceptions, traces the
     test code or returns an object equal to everything does not pass (judge.py's docstring)."""
+    category = "code"
     timeout = CODE_TIMEOUT
     max_new_tokens = 384
 
@@ -379,51 +386,69 @@ class HumanEval(CodeTask):
 
 # ------------------------------------------------------------------------------------------ classification (z^c)
 
-LABELS = ("code", "math", "reasoning", "others")
+CATEGORIES = ("code", "math", "reasoning")  # the paper's; pass 1 takes those of the experts it has
 
 # Figure 3 of the paper as docs/paper.md gives it; the guideline sentences that the figure cuts off with
 # "..." are completed from the reference code (SakanaAI/self-adaptive-llms, the classification prompt in
 # its cls task and prompt-based evaluation), which words the fourth class 'other'; we keep the paper's 'others'.
-CLASSIFICATION_PROMPT = """\
-Analyze the given question and classify it into one of four categories: 'code', 'math', 'reasoning', or 'others'. Follow these guidelines:
+GUIDELINES = {
+    "code": "Questions asking for programming solutions, functions, algorithms. Often includes specific "
+            "programming terms, language syntax, or data structures.",
+    "math": "Questions involving mathematical calculations, formulas, statistics. Often includes numbers, "
+            "equations, or mathematical operations.",
+    "reasoning": "Questions requiring logical thinking, application of scientific knowledge, or critical analysis "
+                 "of information. Often presents statements that need evaluation based on general understanding.",
+    "others": "Questions not clearly fit into above categories.",
+}
+COUNT = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 
-1. Code: Questions asking for programming solutions, functions, algorithms. Often includes specific programming terms, language syntax, or data structures.
-2. Math: Questions involving mathematical calculations, formulas, statistics. Often includes numbers, equations, or mathematical operations.
-3. Reasoning: Questions requiring logical thinking, application of scientific knowledge, or critical analysis of information. Often presents statements that need evaluation based on general understanding.
-4. Others: Questions not clearly fit into above categories.
+
+def classification_prompt(categories=CATEGORIES) -> str:
+    """Figure 3's prompt over the given categories and 'others' (with the paper's three it is the figure's
+    text). A category the paper does not describe gets a plain sentence naming it."""
+    labels = [*sorted(categories), "others"]
+    listed = ", ".join(f"'{c}'" for c in labels[:-1]) + f", or '{labels[-1]}'"
+    guidelines = "\n".join(f"{i}. {c.capitalize()}: {GUIDELINES.get(c, f'Questions about {c}.')}"
+                           for i, c in enumerate(labels, 1))
+    return f"""\
+Analyze the given question and classify it into one of {COUNT.get(len(labels), len(labels))} categories: {listed}. Follow these guidelines:
+
+{guidelines}
 
 Instructions:
 
 - Consider the primary focus, skills, and knowledge required to answer the question.
 - If a question spans multiple categories, choose the most dominant one.
-- Provide your final classification within `\\boxed{}` notation. Example: `\\boxed{reasoning}`
+- Provide your final classification within `\\boxed{{}}` notation. Example: `\\boxed{{{labels[-2]}}}`
 
 Format your response as follows:
-Classification: `\\boxed{category}`"""
+Classification: `\\boxed{{category}}`"""
 
 
-def classification_messages(question):
+def classification_messages(question, categories=CATEGORIES):
     """The paper's classification prompt followed by the question, in one user turn. Used by the
     classification expert (task cls) and the prompt strategy. The reference code puts the prompt in
     the system turn instead; the default small model then answers the question rather than
     classifying it (first 30 cls valid questions, 24 new tokens: 1 of 30 replies names a label, 1
     correct) while in one user turn 17 of 30 name a label (4 correct)."""
-    return [{"role": "user", "content": f"{CLASSIFICATION_PROMPT}\n\nQuestion: {question}"}]
+    return [{"role": "user", "content": f"{classification_prompt(categories)}\n\nQuestion: {question}"}]
 
 
-def parse_category(text, strict=True):
-    """The category a classification reply names: code / math / reasoning / others, or None.
-    Read from the last \\boxed{...}, ignoring backticks, spaces, \\text{} and case ("other" counts as
-    "others"). strict=False falls back to the first label word in the reply when there is no boxed label."""
+def parse_category(text, strict=True, categories=CATEGORIES):
+    """The category a classification reply names: one of categories, 'others', or None. Read from the
+    last \\boxed{...}, ignoring backticks, spaces, \\text{} and case ("other" counts as "others").
+    strict=False falls back to the first label word in the reply when there is no boxed label."""
+    labels = (*categories, "others")
     boxed = answers.last_boxed(text)
     if boxed is not None:
         word = re.sub(r"[`\s*'\".{}]|\\text(?:bf|tt)?", "", boxed).lower()
         word = "others" if word == "other" else word
-        if word in LABELS:
+        if word in labels:
             return word
     if strict:
         return None
-    m = re.search(r"\b(code|math|reasoning|others?)\b", text, re.IGNORECASE)
+    words = "|".join(re.escape(c) for c in sorted(categories, key=len, reverse=True))
+    m = re.search(rf"\b({words}|others?)\b", text, re.IGNORECASE)
     if m is None:
         return None
     word = m.group(1).lower()
@@ -432,40 +457,46 @@ def parse_category(text, strict=True):
 
 @dataclass
 class Classification(Task):
-    """Task-label classification, the classification expert's training task: which of the three
-    training tasks a question comes from. Examples: {"id", "question", "label", "source"}."""
+    """Task-label classification, the classification expert's training task: which of the training
+    tasks a question comes from, named by the task's category. Examples: {"id", "question", "label", "source"}."""
     max_new_tokens = 32  # a label, boxed
     strict: bool = False  # True: the paper's rule, the label must be boxed
     name = "cls"
+    category = "classifier"  # the expert of pass 1's cls mode, never a category pass 1 routes to
     splits = ("train", "valid", "test")
-    sources = (("gsm8k", "math"), ("mbpp", "code"), ("arc_easy", "reasoning"))
+    sources = ("gsm8k", "mbpp", "arc_easy")  # one training task per category
     per_source = {"train": 150, "valid": 150, "test": 199}
+
+    @property
+    def categories(self):
+        return tuple(sorted(get(source).category for source in self.sources))
 
     def _load(self, split):
         rows = []
-        for source, label in self.sources:
+        for source in self.sources:
             task = get(source)
             examples = task.load(split)
             n = self.per_source[split]
             for example in seeded_split(examples, [n, len(examples) - n])[0]:
-                rows.append({"id": example["id"], "question": task.question(example), "label": label, "source": source})
-        random.Random(SEED).shuffle(rows)  # mix the three sources
+                rows.append({"id": example["id"], "question": task.question(example), "label": task.category,
+                             "source": source})
+        random.Random(SEED).shuffle(rows)  # mix the sources
         return rows
 
     def question(self, example):
         return example["question"]
 
     def messages(self, example):
-        return classification_messages(example["question"])
+        return classification_messages(example["question"], self.categories)
 
     def extract(self, example, completion):
-        return parse_category(completion, strict=self.strict)
+        return parse_category(completion, self.strict, self.categories)
 
     def reference(self, example):
         return f"Classification: `\\boxed{{{example['label']}}}`"  # the format the paper's prompt asks for
 
     def _score(self, example, completion):
-        return parse_category(completion, strict=self.strict) == example["label"]
+        return parse_category(completion, self.strict, self.categories) == example["label"]
 
 
 # ------------------------------------------------------------------------------------------ lookup

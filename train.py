@@ -521,9 +521,10 @@ def main(argv=None):
     svf.load_state(best["z"])
     expert_path = out / "expert.safetensors"
     if rank == 0:
-        svf.save_expert(expert_path, task=task.name, base_model=str(config["model"]), step=best["step"],
-                        valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"],
-                        **({"label_rule": config["label_rule"]} if task.name == "cls" else {}))
+        # The category names the expert for adapt.py; a classifier also records the categories it learnt.
+        classifier = dict(label_rule=config["label_rule"], categories=json.dumps(task.categories)) if task.name == "cls" else {}
+        svf.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
+                        step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
     base_test = evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
     expert_test = evaluate_split(model, tokenizer, svf, task, test_set, config)
     paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],

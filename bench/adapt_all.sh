@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 task=$1; limit=${2:-200}; threads=${3:-2}; shift $(( $# < 3 ? $# : 3 ))
 modes=${*:-"none expert prompt cls fewshot"}
-expert_of() { case $1 in math|gsm8k) echo math;; humaneval|mbpp) echo code;; *) echo reasoning;; esac; }
+expert_of() { .venv/bin/python -c "import tasks, sys; print(tasks.get(sys.argv[1]).category)" "$1"; }  # the task's category
 for mode in $modes; do
   extra=""
   [ "$mode" = expert ] && extra="--expert-name $(expert_of "$task")"

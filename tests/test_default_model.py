@@ -88,7 +88,7 @@ def test_shipped_experts_are_this_models(default_model):
 
     model, _ = default_model
     experts = dispatch.load_experts(Path(__file__).resolve().parent.parent / "experts")
-    assert set(experts) == {*dispatch.EXPERT_NAMES, "classifier"}
+    assert set(experts) == {"code", "math", "reasoning", "classifier"}
     assert len({meta["sigma_fingerprint"] for _, meta in experts.values()}) == 1
     assert any("sigma_sums" in meta for _, meta in experts.values())
     sums = {}

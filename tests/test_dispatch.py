@@ -14,7 +14,8 @@ import tasks
 
 class Words:
     """A task over the tiny model's word vocabulary; its reference answer is fixed per example."""
-    name = "arc_challenge"  # routed like a reasoning task
+    name = "arc_challenge"
+    category = "reasoning"
     max_new_tokens = 4
     splits = ("validation", "test")
 
@@ -62,7 +63,52 @@ def replies_with(two, task, examples, expert):
 
 
 def test_experts_are_named_by_their_task(two_pass):
-    assert sorted(two_pass.experts) == ["code", "math", "reasoning"]
+    assert sorted(two_pass.experts) == two_pass.skills == ["code", "math", "reasoning"]
+
+
+@pytest.fixture
+def four_experts(two_pass, sharp_tiny_llama, tmp_path):
+    """The three experts plus a fourth skill no code names (category "medicine", from a task outside
+    tasks.py) and a classifier trained on all four: adding a skill is adding a file."""
+    g = torch.Generator().manual_seed(1)
+    svf = two_pass.svf
+    for name, meta in (("medqa", dict(task="medqa", category="medicine")),
+                       ("cls", dict(task="cls", category="classifier", label_rule="strict",
+                                    categories='["code", "math", "medicine", "reasoning"]'))):
+        svf.load_state({k: 1 + 0.8 * torch.randn(v.shape, generator=g) for k, v in two_pass.experts["math"].items()})
+        svf.save_expert(tmp_path / "experts" / f"{name}.safetensors", **meta)
+    model, tokenizer = m.load(sharp_tiny_llama, device="cpu")  # two_pass's model already has its SVF layers
+    return dispatch.TwoPass(model, tokenizer, dispatch.load_experts(tmp_path / "experts"), batch_size=4)
+
+
+def test_a_fourth_expert_is_routed_to_and_mixed(four_experts, monkeypatch):
+    two = four_experts
+    assert two.skills == ["code", "math", "medicine", "reasoning"] and "classifier" in two.experts
+    offered, real_messages = [], tasks.classification_messages
+    monkeypatch.setattr(tasks, "classification_messages", lambda q, c: offered.append(c) or real_messages(q, c))
+    monkeypatch.setattr(two, "generate", lambda p, n, **kw: gen.Generation(
+        ["\\boxed{medicine}", "\\boxed{others}", "\\boxed{poetry}"], [], []))
+    for with_classifier in (False, True):
+        choices, _ = two.classify(["q"] * 3, with_classifier=with_classifier)
+        assert choices == ["medicine", None, None]
+    assert set(offered) == {("code", "math", "medicine", "reasoning")}
+    monkeypatch.undo()
+
+    captured = {}
+
+    def fake_maximize(score, shape, settings, log=None):
+        captured["shape"], captured["init_mean"] = shape, settings.init_mean
+        alpha = torch.tensor([0.0, 0.0, 1.0, 0.0])
+        return cem.Result(best=alpha, best_score=score(alpha), mean=alpha, iterations=1, evaluations=1)
+
+    monkeypatch.setattr(cem, "maximize", fake_maximize)
+    task = Words({e["id"]: "w7" for e in Words().load("validation")})
+    shots = task.load("validation")[:3]
+    chosen = two.fewshot_alpha(task, shots, cem.LIGHT)
+    assert captured == {"shape": (4,), "init_mean": 0.25} and chosen.names == two.skills
+    examples = task.load("test")[:4]
+    one_hot = two.mixed(two.skills, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert two.answer(task, examples, [one_hot] * 4, progress=False) == replies_with(two, task, examples, "medicine")
 
 
 def test_prompt_strategy_routes_each_prompt_and_others_use_the_base_weights(two_pass, monkeypatch):
@@ -213,7 +259,7 @@ def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypa
     else:
         assert report["decided_by"].startswith("log-likelihood of the shots' reference replies")
         assert report["shot_score"][1] > report["base_shot_score"][1]
-        weights = svf_lib.mix([two_pass.experts[n] for n in dispatch.EXPERT_NAMES], torch.tensor(report["alpha_full"]),
+        weights = svf_lib.mix([two_pass.experts[n] for n in two_pass.skills], torch.tensor(report["alpha_full"]),
                               two_pass.svf.param)
     scored = [e for e in task.load("test") if e["id"] in {r["id"] for r in report["records"]}]
     assert [r["reply"] for r in report["records"]] == replies_with(two_pass, task, scored, weights)

@@ -111,6 +111,7 @@ def test_policy_loss_hand_computed():
 class EvenFirstToken:
     """A synthetic task with a verifiable reward: the reply is right when its first token is even."""
     name = "even"
+    category = "parity"
     max_new_tokens = 2
 
     def __init__(self, tokenizer):

@@ -107,7 +107,7 @@ def test_cls_is_balanced_and_drawn_from_the_same_split(request):
     cls = tasks.get("cls")
     for split in cls.splits:
         rows = load("cls", split, request)
-        for source, label in cls.sources:
+        for source, label in [("gsm8k", "math"), ("mbpp", "code"), ("arc_easy", "reasoning")]:
             mine = [r for r in rows if r["source"] == source]
             assert len(mine) == cls.per_source[split] and {r["label"] for r in mine} == {label}
             source_ids = {r["id"] for r in tasks.get(source).load(split)}
@@ -138,11 +138,21 @@ def test_messages(name, request):
 
 def test_classification_prompt_matches_the_paper():
     # docs/paper.md §3 A, with the "..." completed from the reference code
-    prompt = tasks.CLASSIFICATION_PROMPT
+    prompt = tasks.classification_prompt()
     assert prompt.startswith("Analyze the given question and classify it into one of four categories: "
                              "'code', 'math', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
     assert prompt.endswith("Format your response as follows:\nClassification: `\\boxed{category}`")
     assert "..." not in prompt
+
+
+def test_classification_prompt_with_a_fourth_category():
+    prompt = tasks.classification_prompt(("math", "code", "medicine", "reasoning"))
+    assert prompt.startswith("Analyze the given question and classify it into one of five categories: "
+                             "'code', 'math', 'medicine', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
+    assert "\n3. Medicine: Questions about medicine.\n4. Reasoning: " in prompt and "\n5. Others: " in prompt
+    assert tasks.parse_category("\\boxed{Medicine}", categories=("code", "medicine")) == "medicine"
+    assert tasks.parse_category("\\boxed{math}", categories=("code", "medicine")) is None  # not a category here
+    assert tasks.parse_category("it is about medicine", strict=False, categories=("code", "medicine")) == "medicine"
 
 
 # ------------------------------------------------------------------------------------------ gold answers score

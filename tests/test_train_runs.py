@@ -12,6 +12,7 @@ import torch
 import common
 import model as m
 import reinforce
+import svf as svf_lib
 import tasks
 import train
 from test_reinforce import EvenFirstToken
@@ -133,6 +134,8 @@ def test_resume_from_a_foreign_file_names_it_and_says_what_to_do(run, tmp_path, 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(run, tmp_path):
     out = tmp_path / "run"
     run(out, "--steps", "1")
+    _, meta = svf_lib.read_expert(out / "expert.safetensors")
+    assert (meta["task"], meta["category"]) == ("even", "parity")  # what adapt.py names the expert by
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(SystemExit) as stop:
         run(out, "--steps", "1", "--seed", "1")
