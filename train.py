@@ -21,20 +21,22 @@ Process 0 alone prints, logs and writes files.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import random
-import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import common
 import evaluate
 import generate as gen
@@ -44,25 +46,57 @@ import svf as svf_lib
 import tasks
 from lora import LoRA
 
-# The paper's settings (Table 6), with the mean-reward baseline (see reinforce.py for why).
-PAPER = dict(
-    targets="mlp", param="mask", kl=0.0, baseline="mean", samples=1, temperature=0.0, scale_by_std=False,
-    shuffle_options=False, lr=2e-3, clip=1e-3,
-    batch_size=256, micro_batch=16, gen_batch=64, steps=None, epochs=1,
-    max_new_tokens=None, eval_every=5, eval_limit=None, test_limit=None, autocast=None,
-)
+@dataclass
+class Settings:
+    """What a run trains and how, where a preset decides it: PAPER and CPU below are values of it, and a
+    flag given on the command line wins over either."""
+    targets: str = "mlp"  # the matrices with a z: mlp, attn or all
+    param: str = "mask"  # scale: the paper's formula; mask: the reference code's
+    kl: float = 0.0  # λ, weight of KL(π_W' || π_W)
+    baseline: str = "mean"  # see reinforce.py for why the paper's recipe is run with the mean baseline
+    samples: int = 1  # replies per prompt
+    temperature: float = 0.0  # 0: greedy rollouts, as the reference code
+    scale_by_std: bool = False
+    shuffle_options: bool = False
+    lr: float = 2e-3
+    clip: float = 1e-3  # max gradient norm
+    batch_size: int = 256  # prompts per update
+    micro_batch: int = 16  # replies per forward+backward
+    gen_batch: int = 64  # rows of the generation batch
+    steps: int | None = None  # None: `epochs` over the train split
+    epochs: float = 1
+    max_new_tokens: int | None = None  # None: the task's own reply budget
+    eval_every: int = 5
+    eval_limit: int | None = None  # None: the whole validation split
+    test_limit: int | None = None  # None: the whole test split
+    autocast: str | None = None  # "bf16": bf16 autocast for forward+backward; None or "none": the weights' dtype
+
+
+# The paper's settings (Table 6).
+PAPER = Settings()
 # A preset for a CPU-only machine given no flags: 20-60 minutes on 2 cores, and the cls task still learns.
-# Measured settings of a prototype on the default model (docs/findings.md): batch 16, lr 1e-2, MLP
-# targets, short replies, bf16 autocast for forward+backward where the CPU has bf16 in hardware
-# (fp32 elsewhere), about 20 s per step.
-CPU_PRESET = dict(
-    batch_size=16, micro_batch=8, gen_batch=16, steps=30, lr=1e-2, eval_every=5,
-    eval_limit=100, test_limit=200, autocast="bf16",
-)
-CPU_REPLY_TOKENS = {"cls": 24, "arc_easy": 24, "gsm8k": 128, "mbpp": 128}
-# Long replies make steps and evaluations slow: fewer of them for these tasks. Measured on 2 cores with
-# one thread each (RESULTS.md): gsm8k 19 minutes, mbpp 43 minutes, cls 63, arc_easy 19.
-CPU_TASK_PRESET = {"gsm8k": dict(steps=10, eval_limit=50, test_limit=100), "mbpp": dict(steps=20, eval_limit=50)}
+# Measured settings of a prototype on the default model: batch 16, lr 1e-2, MLP targets, short replies,
+# bf16 autocast where the CPU has bf16 in hardware (fp32 elsewhere), about 20 s per step.
+CPU = Settings(batch_size=16, micro_batch=8, gen_batch=16, steps=30, lr=1e-2, eval_limit=100, test_limit=200,
+               autocast="bf16")
+# Reply budgets per task, and fewer steps and evaluations where replies are long. Measured on 2 cores
+# with one thread each (RESULTS.md): gsm8k 19 minutes, mbpp 43 minutes, cls 63, arc_easy 19.
+CPU_PER_TASK = {"cls": dict(max_new_tokens=24), "arc_easy": dict(max_new_tokens=24),
+                "gsm8k": dict(max_new_tokens=128, steps=10, eval_limit=50, test_limit=100),
+                "mbpp": dict(max_new_tokens=128, steps=20, eval_limit=50)}
+
+
+def preset_settings(preset: str, task: str) -> Settings:
+    return PAPER if preset == "paper" else dataclasses.replace(CPU, **CPU_PER_TASK.get(task, {}))
+
+
+def with_defaults(name: str, text: str = "") -> str:
+    """A recipe flag's help, ending with what each preset gives it (--help shows the real defaults)."""
+    cpu = {task: getattr(preset_settings("cpu", task), name) for task in TRAINABLE_TASKS}
+    shown = repr(cpu["cls"]) if len(set(cpu.values())) == 1 else ", ".join(f"{t} {v!r}" for t, v in cpu.items())
+    return f"{text}{' ' if text else ''}[paper: {getattr(PAPER, name)!r}; CPU preset: {shown}]"
+
+
 TRAINABLE_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")
 VALID_SPLIT = "valid"
 
@@ -91,31 +125,41 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TRAINABLE_TASKS)
     p.add_argument("--model", default=m.DEFAULT_MODEL)
-    p.add_argument("--targets", choices=sorted(svf_lib.TARGETS))
-    p.add_argument("--param", choices=svf_lib.PARAMETRIZATIONS, help="scale: the paper's formula; mask: the reference code's")
-    p.add_argument("--kl", type=non_negative_float, help="λ, weight of KL(π_W' || π_W)")
-    p.add_argument("--baseline", choices=("group", "mean", "none"),
-                   help="advantage: group, r minus the mean of the other replies to the same prompt (needs --samples "
-                        ">= 2); mean, r - mean(r) over the batch; none, r (the paper's exact setting)")
-    p.add_argument("--samples", type=common.positive_int, help="replies sampled per prompt, K (1: the paper's setting)")
-    p.add_argument("--scale-by-std", action="store_true", default=None,
-                   help="divide each prompt's group advantages by the std of its K rewards (as GRPO)")
-    p.add_argument("--shuffle-options", action="store_true", default=None,
-                   help="multiple-choice tasks: train on the options in a new random order every time a prompt is used")
-    p.add_argument("--batch-size", type=common.positive_int, help="prompts per update (the paper: 256)")
-    p.add_argument("--micro-batch", type=common.positive_int,
-                   help="replies per forward+backward (gradient accumulation); a step has batch-size x samples")
-    p.add_argument("--gen-batch", type=common.positive_int, help="rows of the generation batch (replies decoded at once)")
-    p.add_argument("--steps", type=common.positive_int, help="updates (default: --epochs over the train split)")
-    p.add_argument("--epochs", type=positive_float)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--clip", type=positive_float, help="max gradient norm")
-    p.add_argument("--max-new-tokens", type=common.positive_int)
-    p.add_argument("--temperature", type=non_negative_float, help="rollout sampling; 0 is greedy, as the reference code")
-    p.add_argument("--eval-every", type=common.positive_int)
-    p.add_argument("--eval-limit", type=common.positive_int, help="validation examples per evaluation (default: all)")
-    p.add_argument("--test-limit", type=common.positive_int, help="test examples in the final evaluation (default: all)")
-    p.add_argument("--autocast", choices=("bf16", "none"), help="bf16 autocast for forward+backward")
+    p.add_argument("--targets", choices=sorted(svf_lib.TARGETS), help=with_defaults("targets"))
+    p.add_argument("--param", choices=svf_lib.PARAMETRIZATIONS,
+                   help=with_defaults("param", "scale: the paper's formula; mask: the reference code's"))
+    p.add_argument("--kl", type=non_negative_float, help=with_defaults("kl", "λ, weight of KL(π_W' || π_W)"))
+    p.add_argument("--baseline", choices=("group", "mean", "none"), help=with_defaults(
+        "baseline", "advantage: group, r minus the mean of the other replies to the same prompt (needs --samples "
+                    ">= 2); mean, r - mean(r) over the batch; none, r (the paper's exact setting)"))
+    p.add_argument("--samples", type=common.positive_int,
+                   help=with_defaults("samples", "replies sampled per prompt, K (1: the paper's setting)"))
+    p.add_argument("--scale-by-std", action="store_true", default=None, help=with_defaults(
+        "scale_by_std", "divide each prompt's group advantages by the std of its K rewards (as GRPO)"))
+    p.add_argument("--shuffle-options", action="store_true", default=None, help=with_defaults(
+        "shuffle_options", "multiple-choice tasks: train on the options in a new random order every time a prompt is used"))
+    p.add_argument("--batch-size", type=common.positive_int, help=with_defaults("batch_size", "prompts per update"))
+    p.add_argument("--micro-batch", type=common.positive_int, help=with_defaults(
+        "micro_batch", "replies per forward+backward (gradient accumulation); a step has batch-size x samples"))
+    p.add_argument("--gen-batch", type=common.positive_int,
+                   help=with_defaults("gen_batch", "rows of the generation batch (replies decoded at once)"))
+    p.add_argument("--steps", type=common.positive_int,
+                   help=with_defaults("steps", "updates (None: --epochs over the train split)"))
+    p.add_argument("--epochs", type=positive_float, help=with_defaults("epochs"))
+    p.add_argument("--lr", type=positive_float, help=with_defaults("lr"))
+    p.add_argument("--clip", type=positive_float, help=with_defaults("clip", "max gradient norm"))
+    p.add_argument("--max-new-tokens", type=common.positive_int,
+                   help=with_defaults("max_new_tokens", "reply budget (None: the task's own)"))
+    p.add_argument("--temperature", type=non_negative_float,
+                   help=with_defaults("temperature", "rollout sampling; 0 is greedy, as the reference code"))
+    p.add_argument("--eval-every", type=common.positive_int, help=with_defaults("eval_every"))
+    p.add_argument("--eval-limit", type=common.positive_int,
+                   help=with_defaults("eval_limit", "validation examples per evaluation (None: all)"))
+    p.add_argument("--test-limit", type=common.positive_int,
+                   help=with_defaults("test_limit", "test examples in the final evaluation (None: all)"))
+    p.add_argument("--autocast", choices=("bf16", "none"), help=with_defaults(
+        "autocast", "bf16 autocast for forward+backward (the CPU preset's bf16 becomes none on a CPU without "
+                    "bf16 in hardware)"))
     p.add_argument("--seed", type=common.non_negative_int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<task>-<param>-<targets>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -171,11 +215,7 @@ def resolve_config(args) -> dict:
     """Flags given on the command line win; the rest come from the preset."""
     device = torch.device(args.device) if args.device else common.default_device()
     preset = args.preset if args.preset != "auto" else ("cpu" if device.type == "cpu" else "paper")
-    config = dict(PAPER)
-    if preset == "cpu":
-        config.update(CPU_PRESET)
-        config.update(CPU_TASK_PRESET.get(args.task, {}))
-        config["max_new_tokens"] = CPU_REPLY_TOKENS[args.task]
+    config = dataclasses.asdict(preset_settings(preset, args.task))
     for key, value in vars(args).items():
         if value is not None or key not in config:
             config[key] = value
@@ -206,100 +246,6 @@ def batches(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]
     order = list(range(n_examples))
     random.Random(seed * 100003 + epoch).shuffle(order)
     return order[position * batch_size:(position + 1) * batch_size]
-
-
-def save_checkpoint(path: Path, state: dict):
-    """torch.save to a temporary file, then rename: an interrupted write never replaces a good checkpoint."""
-    with common.atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint at path, read with weights_only=True: tensors and plain Python data (all that
-    save_checkpoint writes) load, and a file that asks to call anything else is refused before it runs."""
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        message = str(e)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if refused:
-            raise RuntimeError(f"checkpoint {path} was refused: loading it would call {refused.group(1)}, and train.py "
-                               f"loads only tensors and plain data, so nothing in it ran. A checkpoint written by "
-                               f"train.py holds no such thing: delete this file, or restore a copy from train.py") from None
-        # A truncated or foreign file. torch's text suggests weights_only=False, which would run whatever the
-        # file holds, so keep only its reason.
-        reason = " ".join(message.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        raise RuntimeError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {reason}); "
-                           f"delete it to start over, or restore a copy") from None
-
-
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "expert.safetensors", "summary.json", "test-base.jsonl",
-             "test-expert.jsonl", "learning_curve.png", "config.json")
-
-
-def holds_run(out: Path) -> list[str]:
-    """The files of an earlier run in out: its records, checkpoint or results (an empty metrics.jsonl and a
-    config.json alone are a run that stopped before it measured anything)."""
-    held = [name for name in ("checkpoint.pt", "expert.safetensors", "summary.json") if (out / name).exists()]
-    metrics = out / "metrics.jsonl"
-    return (["metrics.jsonl"] if metrics.exists() and metrics.stat().st_size > 0 else []) + held
-
-
-def start_fresh(out: Path, overwrite: bool, rank: int):
-    """A new run never replaces an old one unless told to: without --overwrite a folder holding a run is
-    refused; with it, that run's files are deleted, so none of them can be mistaken for the new run's."""
-    held = holds_run(out)
-    if held and not overwrite:
-        raise SystemExit(f"{out} already holds a run ({', '.join(held)}): continue it with --resume, start the new "
-                         f"run in another --out, or add --overwrite to delete the old one")
-    if overwrite and rank == 0:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-
-
-CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step", "best", "config")
-# Settings that may change when a run is resumed: where and how fast the same computation runs.
-# --micro-batch and --gen-batch split the same batch into other forward passes (train_step weighs each
-# micro-batch into the batch mean), so a run that ran out of memory can continue with smaller ones; with
-# another number of processes each rolls out another share (with --temperature > 0, other samples). Every
-# other setting changes what is trained or how it is chosen and measured, and must match; --steps too,
-# since the cosine schedule decays to 0 over the total, so another total would be neither run.
-# Settings added after runs were checkpointed without them; such a run used these values.
-SETTINGS_BEFORE_THEY_EXISTED = dict(samples=1, scale_by_std=False, shuffle_options=False)
-RESUME_MAY_DIFFER = {"device", "threads", "compile", "dtype", "weights_dtype", "micro_batch", "gen_batch", "processes",
-                     "out", "command", "resume", "overwrite"}
-
-
-def resume_state(path: Path, config: dict) -> dict:
-    """The checkpoint to continue from, once it is known to be train.py's and of the run `config` describes."""
-    try:
-        state = load_checkpoint(path)
-    except FileNotFoundError as e:
-        held = holds_run(path.parent)
-        raise SystemExit(f"{e}" + (f", and with --overwrite: {path.parent} holds files of a run ({', '.join(held)}) "
-                                   f"but no checkpoint to continue it from" if held else "")) from None
-    except RuntimeError as e:
-        raise SystemExit(str(e)) from None
-    if not (isinstance(state, dict) and all(key in state for key in CHECKPOINT_KEYS)
-            and isinstance(state["config"], dict)):
-        missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else []
-        holds = f"it lacks {', '.join(missing)}" if missing else f"it holds a {type(state).__name__}"
-        raise SystemExit(f"--resume: {path} is not a train.py checkpoint ({holds}); give the --out of the run to "
-                         f"continue, or start a new run: in another --out, or in this one with --overwrite")
-    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **state["config"]}
-    differ = [key for key in sorted(set(saved) | set(config))
-              if key not in RESUME_MAY_DIFFER and saved.get(key) != config.get(key)]
-    if differ:
-        def shown(value):
-            return "unset" if value is None else str(value)
-        lines = [f"  --{key.replace('_', '-')}: {shown(saved.get(key))} in the checkpoint, "
-                 f"{shown(config.get(key))} on this command line" for key in differ]
-        raise SystemExit(f"--resume: {path} is a run with other settings than this command's:\n" + "\n".join(lines) +
-                         f"\nresume with the run's settings ({path.parent / 'config.json'} lists them), or start a "
-                         f"new run in another --out")
-    return state
 
 
 def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):
@@ -407,14 +353,14 @@ def main(argv=None):
     out = Path(config["out"])
     checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     # Before anything loads: the checkpoint to continue from, or a folder free for a new run.
-    state = resume_state(checkpoint_path, config) if config["resume"] else None
+    state = checkpoint.resume_state(checkpoint_path, config) if config["resume"] else None
     if state is None:
-        start_fresh(out, config["overwrite"], rank)
+        checkpoint.start_fresh(out, config["overwrite"], rank)
     out.mkdir(parents=True, exist_ok=True)
     threads = common.set_threads(args.threads)
     if rank != 0:  # process 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
-    print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU_PRESET in train.py)" if config["preset"] == "cpu" else ""))
+    print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU in train.py)" if config["preset"] == "cpu" else ""))
     print("config: " + json.dumps({**config, "threads": threads}))
 
     task = make_task(config)
@@ -459,10 +405,10 @@ def main(argv=None):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(step):
+    def save_state(step):
         nonlocal saved_step
         if rank == 0:
-            save_checkpoint(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(),
+            checkpoint.save(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(),
                                                   scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
                                                   history=history, step=step, best=best, config=config))
         saved_step = step
@@ -504,7 +450,7 @@ def main(argv=None):
             last_valid = next(h for h in reversed(history) if "valid_accuracy" in h)["valid_accuracy"]
             shown = {k: f"{stats[k]:.3f}" for k in ("reward", "equal_groups", "kl", "nll") if k in stats}
             bar.set_postfix(**shown, valid=f"{last_valid:.2f}")
-            checkpoint(step + 1)
+            save_state(step + 1)
     except KeyboardInterrupt:
         # Every finished step is already checkpointed (atomically); the step in progress is dropped, so a
         # resumed run repeats it exactly rather than applying half of it twice.

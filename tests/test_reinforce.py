@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import model as m
 import reinforce
 import svf as svf_lib
@@ -209,10 +210,8 @@ def test_resume_equals_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    import train
-
     path = tmp_path / "checkpoint.pt"
-    train.save_checkpoint(path, {"step": 1})
+    checkpoint.save(path, {"step": 1})
 
     def crash(obj, f, *a, **kw):
         open(f, "wb").write(b"partial")
@@ -220,20 +219,18 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {"step": 2})
+        checkpoint.save(path, {"step": 2})
     monkeypatch.undo()
-    assert train.load_checkpoint(path)["step"] == 1
+    assert checkpoint.load(path)["step"] == 1
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
-    import train
-
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(RuntimeError, match="unreadable.*delete it"):
-        train.load_checkpoint(path)
+        checkpoint.load(path)
     with pytest.raises(FileNotFoundError, match="start without --resume"):
-        train.load_checkpoint(tmp_path / "missing.pt")
+        checkpoint.load(tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize("method", ["lora", "svf"])
@@ -263,13 +260,11 @@ def test_data_parallel_run_equals_one_process(sharp_tiny_llama, tmp_path):
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
-    import train
-
     # The last z (checkpoint) and the kept one (expert file) agree, and training did move z.
     model, _ = m.load(sharp_tiny_llama, device="cpu")
     initial = svf_lib.SVF(model, targets="attn", param="mask", seed=0, cache=False, progress=False).state()
-    last_one = train.load_checkpoint(tmp_path / "one" / "checkpoint.pt")["z"]
-    last_two = train.load_checkpoint(tmp_path / "two" / "checkpoint.pt")["z"]
+    last_one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")["z"]
+    last_two = checkpoint.load(tmp_path / "two" / "checkpoint.pt")["z"]
     kept_one, _ = svf_lib.read_expert(tmp_path / "one" / "expert.safetensors")
     kept_two, _ = svf_lib.read_expert(tmp_path / "two" / "expert.safetensors")
     for k in last_one:

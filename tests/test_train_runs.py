@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import checkpoint
 import common
 import model as m
 import reinforce
@@ -69,7 +70,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path):
     out.mkdir()
     torch.save({"z": RunsCode(marker), "step": 1}, out / "checkpoint.pt")
     with pytest.raises(RuntimeError, match="checkpoint.pt.*refused"):
-        train.load_checkpoint(out / "checkpoint.pt")
+        checkpoint.load(out / "checkpoint.pt")
     assert not marker.exists()
     with pytest.raises(SystemExit, match="checkpoint.pt") as stop:
         run(out, "--resume", "--steps", "2")
