@@ -5,6 +5,7 @@ argparse types."""
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -297,6 +298,26 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate, a clip norm, a number of epochs)."""
+    return _finite_float(text, above_zero=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a KL weight, a temperature)."""
+    return _finite_float(text, above_zero=False)
+
+
+def _finite_float(text: str, above_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give a finite number {'>' if above_zero else '>='} 0")
+    return value
 
 
 def positive_int(text: str) -> int:

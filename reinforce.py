@@ -26,7 +26,7 @@ depend on the reply it judges (unbiased, as RLOO); the including mean gives the 
 by (K−1)/K (half at K = 2), so between the two only the effective learning rate differs. A prompt whose
 K replies all score the same gives no gradient; the share of such groups is logged (`equal_groups`).
 
-Data parallel (torchrun, see train.py): each process rolls out its share of the global batch; the
+Data parallel (torchrun, parallel.py): each process rolls out its share of the global batch; the
 baseline's mean reward, the batch size that weighs each micro-batch and the gradients are summed over
 the processes, so every process takes the same step as one process with the whole batch would.
 """
@@ -37,38 +37,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import generate as gen
-
-# ----------------------------------------------------------------------------------------------
-# Sums over the processes of a data-parallel run; with one process they change nothing.
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(values) -> torch.Tensor:
-    """A new tensor holding the sum of `values` (a tensor or a list of numbers) over the processes."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).clone()
-    if distributed():
-        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
-        moved = tensor.to(on)
-        dist.all_reduce(moved)
-        tensor = moved.to(tensor.device)
-    return tensor
-
-
-def sum_gradients(parameters):
-    """Sum each parameter's gradient over the processes, in place (the losses are already weighted by
-    each process's share of the global batch)."""
-    if distributed():
-        for p in parameters:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-
+from parallel import all_reduce_sum, sum_gradients
 
 @dataclass
 class Rollouts:
@@ -277,3 +249,25 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
     if rollouts.group_size > 1:
         stats["equal_groups"] = equal / groups  # share of prompts whose replies all scored the same
     return stats
+
+
+def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):
+    """Supervised baseline: mean negative log-likelihood of the reference reply (then EOS) given the prompt."""
+    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
+    targets = [tokenizer.encode(task.reference(e)) + tokenizer.eos_ids[:1] for e in examples]
+    n_tokens = all_reduce_sum(sum(map(len, targets))).item()  # over the global batch
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    device = model.embed.weight.device
+    for start in range(0, len(examples), micro_batch):
+        sl = slice(start, start + micro_batch)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logp, _, _ = completion_logprobs(model, prompts[sl], targets[sl], with_base=False)
+            loss = -logp.sum() / n_tokens  # every token of the batch weighs the same
+        loss.backward()
+        total += loss.item()
+    sum_gradients(adapter.parameters())
+    grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip).item()
+    optimizer.step()
+    scheduler.step()
+    return dict(nll=all_reduce_sum(total).item(), grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])

@@ -23,7 +23,6 @@ Process 0 alone prints, logs and writes files.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import shlex
@@ -41,6 +40,7 @@ import common
 import evaluate
 import generate as gen
 import model as m
+import parallel
 import reinforce
 import svf as svf_lib
 import tasks
@@ -101,26 +101,6 @@ TRAINABLE_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")
 VALID_SPLIT = "valid"
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (a learning rate, a clip norm, a number of epochs)."""
-    return _finite_float(text, above_zero=True)
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (a KL weight, a temperature)."""
-    return _finite_float(text, above_zero=False)
-
-
-def _finite_float(text: str, above_zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
-        raise argparse.ArgumentTypeError(f"{text} is out of range; give a finite number {'>' if above_zero else '>='} 0")
-    return value
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TRAINABLE_TASKS)
@@ -128,7 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--targets", choices=sorted(svf_lib.TARGETS), help=with_defaults("targets"))
     p.add_argument("--param", choices=svf_lib.PARAMETRIZATIONS,
                    help=with_defaults("param", "scale: the paper's formula; mask: the reference code's"))
-    p.add_argument("--kl", type=non_negative_float, help=with_defaults("kl", "λ, weight of KL(π_W' || π_W)"))
+    p.add_argument("--kl", type=common.non_negative_float, help=with_defaults("kl", "λ, weight of KL(π_W' || π_W)"))
     p.add_argument("--baseline", choices=("group", "mean", "none"), help=with_defaults(
         "baseline", "advantage: group, r minus the mean of the other replies to the same prompt (needs --samples "
                     ">= 2); mean, r - mean(r) over the batch; none, r (the paper's exact setting)"))
@@ -145,12 +125,12 @@ def parse_args(argv=None):
                    help=with_defaults("gen_batch", "rows of the generation batch (replies decoded at once)"))
     p.add_argument("--steps", type=common.positive_int,
                    help=with_defaults("steps", "updates (None: --epochs over the train split)"))
-    p.add_argument("--epochs", type=positive_float, help=with_defaults("epochs"))
-    p.add_argument("--lr", type=positive_float, help=with_defaults("lr"))
-    p.add_argument("--clip", type=positive_float, help=with_defaults("clip", "max gradient norm"))
+    p.add_argument("--epochs", type=common.positive_float, help=with_defaults("epochs"))
+    p.add_argument("--lr", type=common.positive_float, help=with_defaults("lr"))
+    p.add_argument("--clip", type=common.positive_float, help=with_defaults("clip", "max gradient norm"))
     p.add_argument("--max-new-tokens", type=common.positive_int,
                    help=with_defaults("max_new_tokens", "reply budget (None: the task's own)"))
-    p.add_argument("--temperature", type=non_negative_float,
+    p.add_argument("--temperature", type=common.non_negative_float,
                    help=with_defaults("temperature", "rollout sampling; 0 is greedy, as the reference code"))
     p.add_argument("--eval-every", type=common.positive_int, help=with_defaults("eval_every"))
     p.add_argument("--eval-limit", type=common.positive_int,
@@ -248,66 +228,6 @@ def batches(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):
-    """Supervised baseline: mean negative log-likelihood of the reference reply (then EOS) given the prompt."""
-    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
-    targets = [tokenizer.encode(task.reference(e)) + tokenizer.eos_ids[:1] for e in examples]
-    n_tokens = reinforce.all_reduce_sum(sum(map(len, targets))).item()  # over the global batch
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    device = model.embed.weight.device
-    for start in range(0, len(examples), micro_batch):
-        sl = slice(start, start + micro_batch)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logp, _, _ = reinforce.completion_logprobs(model, prompts[sl], targets[sl], with_base=False)
-            loss = -logp.sum() / n_tokens  # every token of the batch weighs the same
-        loss.backward()
-        total += loss.item()
-    reinforce.sum_gradients(adapter.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip).item()
-    optimizer.step()
-    scheduler.step()
-    return dict(nll=reinforce.all_reduce_sum(total).item(), grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# Data parallel (torchrun): which process this is, and its share of a list
-
-
-def setup_distributed():
-    """Join the process group when started by torchrun (WORLD_SIZE > 1). Returns this process's device
-    (cuda:LOCAL_RANK, or None to choose as usual: gloo on CPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return f"cuda:{local_rank}"
-    dist.init_process_group("gloo")
-    return None
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if reinforce.distributed() else (0, 1)
-
-
-def evaluate_split(model, tokenizer, svf, task, examples, config, use_svf=True):
-    """evaluate.evaluate on this process's share of the examples; the records of all processes are
-    gathered back into the examples' order."""
-    rank, world = rank_and_world()
-    context = svf.merged() if use_svf else svf.disabled()
-    with context:
-        result = evaluate.evaluate(model, tokenizer, task, examples[rank::world], batch_size=config["gen_batch"] * 2,
-                                   max_new_tokens=config["max_new_tokens"], progress=False)
-    if world == 1:
-        return result
-    parts = [None] * world
-    dist.all_gather_object(parts, result["records"])
-    records = [parts[i % world][i // world] for i in range(len(examples))]
-    return dict(task=task.name, **evaluate.accuracy([r["correct"] for r in records]), records=records)
-
-
 def plot(history: list[dict], path: Path):
     try:
         import matplotlib
@@ -346,8 +266,8 @@ def plot(history: list[dict], path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.device = args.device or setup_distributed()
-    rank, world = rank_and_world()
+    args.device = args.device or parallel.setup_distributed()
+    rank, world = parallel.rank_and_world()
     config = resolve_config(args)
     config["processes"] = world
     out = Path(config["out"])
@@ -415,7 +335,7 @@ def main(argv=None):
 
     def validate(step):
         nonlocal best
-        result = evaluate_split(model, tokenizer, svf, task, valid_set, config)
+        result = parallel.evaluate_split(model, tokenizer, svf, task, valid_set, config)
         log(dict(step=step, valid_accuracy=result["accuracy"], valid_interval=result["interval"], valid_n=result["n"]))
         if best is None or result["accuracy"] > best["accuracy"]:
             best = dict(step=step, accuracy=result["accuracy"], interval=result["interval"], z=svf.state())
@@ -435,7 +355,7 @@ def main(argv=None):
                 batch = [task.shuffle_options(e, order) for e in batch]
             examples = batch[rank::world]  # this process's share of the global batch
             if config["objective"] == "nexttoken":
-                stats = nexttoken_step(model, svf, tokenizer, task, examples, optimizer, scheduler,
+                stats = reinforce.nexttoken_step(model, svf, tokenizer, task, examples, optimizer, scheduler,
                                        config["micro_batch"], config["clip"], autocast)
             else:
                 rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
@@ -471,8 +391,8 @@ def main(argv=None):
         classifier = dict(label_rule=config["label_rule"], categories=json.dumps(task.categories)) if task.name == "cls" else {}
         svf.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
                         step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
-    base_test = evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
-    expert_test = evaluate_split(model, tokenizer, svf, task, test_set, config)
+    base_test = parallel.evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
+    expert_test = parallel.evaluate_split(model, tokenizer, svf, task, test_set, config)
     paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],
                                         [r["correct"] for r in expert_test["records"]])
     minutes = (time.perf_counter() - started) / 60
@@ -497,7 +417,7 @@ def main(argv=None):
           f"paired difference {paired['difference']:+.3f} [{paired['interval'][0]:+.3f}, {paired['interval'][1]:+.3f}] "
           f"({paired['gained']} gained, {paired['lost']} lost); "
           f"{minutes:.1f} min; expert {expert_path}" + (f"; curve {figure}" if figure else ""))
-    if reinforce.distributed():
+    if parallel.distributed():
         dist.destroy_process_group()
     return summary
 

@@ -200,7 +200,7 @@ def test_resume_after_a_kill_during_validation_logs_each_step_once(run, tmp_path
     the resumed run repeats step 2, and metrics.jsonl still holds it once."""
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:
-        interrupt(patch, train, "evaluate_split", on_call=2)  # 1: validation at 0, 2: at step 2
+        interrupt(patch, train.parallel, "evaluate_split", on_call=2)  # 1: validation at 0, 2: at step 2
         with pytest.raises(SystemExit):
             run(out, "--steps", "3")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
