@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import cem
+import classify
 import generate as gen
 import reinforce
 import svf as svf_lib
@@ -72,7 +73,7 @@ class TwoPass:
         self.experts = {name: z for name, (z, _) in experts.items()}
         self.skills = sorted(name for name in experts if name != CLASSIFIER)  # pass 1's categories; the order of α
         classifier = experts.get(CLASSIFIER, (None, {}))[1]
-        self.classifier_categories = tuple(json.loads(classifier.get("categories", "null")) or tasks.CATEGORIES)
+        self.classifier_categories = tuple(json.loads(classifier.get("categories", "null")) or classify.CATEGORIES)
         meta = next(iter(experts.values()))[1]
         self.svf = svf_lib.SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
         for name, (z, meta) in experts.items():
@@ -104,7 +105,7 @@ class TwoPass:
         if with_classifier and CLASSIFIER not in self.experts:
             raise ValueError("mode cls needs a classification expert (train.py --task cls) in the experts folder")
         categories = self.categories(with_classifier)
-        prompts = [self.tokenizer.encode_chat(tasks.classification_messages(q, categories)) for q in questions]
+        prompts = [self.tokenizer.encode_chat(classify.classification_messages(q, categories)) for q in questions]
         with self.use(CLASSIFIER if with_classifier else None):
             replies = self.generate(prompts, CLASSIFY_TOKENS, progress=progress, desc="pass 1: classify").texts
         return self.route(replies, strict, with_classifier), replies
@@ -112,7 +113,7 @@ class TwoPass:
     def route(self, replies: list[str], strict: bool = True, with_classifier: bool = False) -> list:
         """The expert named by each pass-1 reply, or None (base weights) for others / unreadable / no such expert."""
         categories = self.categories(with_classifier)
-        return [c if c in self.skills else None for c in (tasks.parse_category(r, strict, categories) for r in replies)]
+        return [c if c in self.skills else None for c in (classify.parse_category(r, strict, categories) for r in replies)]
 
     # -- pass 2
 

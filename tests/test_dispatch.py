@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cem
+import classify
 import dispatch
 import generate as gen
 import model as m
@@ -84,8 +85,8 @@ def four_experts(two_pass, sharp_tiny_llama, tmp_path):
 def test_a_fourth_expert_is_routed_to_and_mixed(four_experts, monkeypatch):
     two = four_experts
     assert two.skills == ["code", "math", "medicine", "reasoning"] and "classifier" in two.experts
-    offered, real_messages = [], tasks.classification_messages
-    monkeypatch.setattr(tasks, "classification_messages", lambda q, c: offered.append(c) or real_messages(q, c))
+    offered, real_messages = [], classify.classification_messages
+    monkeypatch.setattr(classify, "classification_messages", lambda q, c: offered.append(c) or real_messages(q, c))
     monkeypatch.setattr(two, "generate", lambda p, n, **kw: gen.Generation(
         ["\\boxed{medicine}", "\\boxed{others}", "\\boxed{poetry}"], [], []))
     for with_classifier in (False, True):

@@ -4,6 +4,7 @@ No model and no data files: the examples are built here. Code execution is in te
 import pytest
 
 import answers
+import classify
 import tasks
 
 
@@ -175,9 +176,9 @@ CLS_CASES = [  # (reply, lenient reading, strict reading)
 
 @pytest.mark.parametrize("reply, lenient, strict", CLS_CASES)
 def test_parse_category(reply, lenient, strict):
-    assert tasks.parse_category(reply, strict=False) == lenient
-    assert tasks.parse_category(reply, strict=True) == strict
-    assert tasks.parse_category(reply) == strict  # the prompt strategy's default is the paper's rule
+    assert classify.parse_category(reply, strict=False) == lenient
+    assert classify.parse_category(reply, strict=True) == strict
+    assert classify.parse_category(reply) == strict  # the prompt strategy's default is the paper's rule
 
 
 @pytest.mark.parametrize("reply, lenient, strict", CLS_CASES)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import build_arc
+import classify
 import tasks
 
 SHARED_DATA = Path("/work/shared/data")  # the development copy of the data bundle (optional)
@@ -138,7 +139,7 @@ def test_messages(name, request):
 
 def test_classification_prompt_matches_the_paper():
     # docs/paper.md §3 A, with the "..." completed from the reference code
-    prompt = tasks.classification_prompt()
+    prompt = classify.classification_prompt()
     assert prompt.startswith("Analyze the given question and classify it into one of four categories: "
                              "'code', 'math', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
     assert prompt.endswith("Format your response as follows:\nClassification: `\\boxed{category}`")
@@ -146,13 +147,13 @@ def test_classification_prompt_matches_the_paper():
 
 
 def test_classification_prompt_with_a_fourth_category():
-    prompt = tasks.classification_prompt(("math", "code", "medicine", "reasoning"))
+    prompt = classify.classification_prompt(("math", "code", "medicine", "reasoning"))
     assert prompt.startswith("Analyze the given question and classify it into one of five categories: "
                              "'code', 'math', 'medicine', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
     assert "\n3. Medicine: Questions about medicine.\n4. Reasoning: " in prompt and "\n5. Others: " in prompt
-    assert tasks.parse_category("\\boxed{Medicine}", categories=("code", "medicine")) == "medicine"
-    assert tasks.parse_category("\\boxed{math}", categories=("code", "medicine")) is None  # not a category here
-    assert tasks.parse_category("it is about medicine", strict=False, categories=("code", "medicine")) == "medicine"
+    assert classify.parse_category("\\boxed{Medicine}", categories=("code", "medicine")) == "medicine"
+    assert classify.parse_category("\\boxed{math}", categories=("code", "medicine")) is None  # not a category here
+    assert classify.parse_category("it is about medicine", strict=False, categories=("code", "medicine")) == "medicine"
 
 
 # ------------------------------------------------------------------------------------------ gold answers score
