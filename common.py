@@ -169,6 +169,34 @@ def read_weights(folder: Path, names: dict[str, str], shapes: dict, device, dtyp
     return state
 
 
+def read_adapter_file(path, fmt: str, kind: str, what: str, train_command: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (fp32) and metadata of a safetensors file whose metadata says format fmt (an SVF expert
+    or a LoRA file), with errors that say what went wrong and what to do: kind names the file in the
+    not-found message, what in the wrong-format one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{kind} {path} not found (train one with: {train_command})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); was it truncated?") from e
+    if meta.get("format") != fmt:
+        hint = " (an SVF expert: give it as --expert)" if meta.get("format", "").startswith("transformer2-svf-expert") else ""
+        raise ValueError(f"{path} is not {what} (metadata format {meta.get('format')!r}, expected {fmt!r}){hint}")
+    # A NaN in a z or a LoRA factor spreads to every weight it touches; the model then answers only end-of-text.
+    bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        first = tensors[bad[0]]
+        raise ValueError(f"{path}: {bad[0]} is not finite (NaN or inf in {(~torch.isfinite(first)).sum()} of its "
+                         f"{first.numel()} values; {len(bad)} of the file's {len(tensors)} tensors hold some). The training "
+                         f"that wrote it diverged or the file is damaged: train it again ({train_command})")
+    return tensors, meta
+
+
 # ----------------------------------------------------------------------------------------------
 # Device, dtype and threads
 

@@ -87,7 +87,7 @@ class LoRA:
 
 def apply(model, path) -> LoRA:
     """Wrap the model's q and v with the LoRA a file holds (train.py --method lora), ready for generation."""
-    state, meta = svf.read_adapter_file(path, FORMAT, "LoRA file", "a LoRA file",
+    state, meta = common.read_adapter_file(path, FORMAT, "LoRA file", "a LoRA file",
                                         "python train.py --task arc_easy --method lora")
     rank = next((v.shape[0] for k, v in state.items() if k.endswith(".A")), 16)
     # Files written before rank and alpha were recorded used the defaults (alpha 32).

@@ -51,8 +51,7 @@ EXPERT_FORMAT = "transformer2-svf-expert/1"
 TRAINING_FORWARD = "factored"
 
 
-# ----------------------------------------------------------------------------------------------
-# The scaled singular values and the two forwards
+# ---- The scaled singular values and the two forwards
 
 
 def scaled_sigma(S: torch.Tensor, z: torch.Tensor, param: str) -> torch.Tensor:
@@ -92,8 +91,7 @@ def compiled(fn):
     return _compiled[fn]
 
 
-# ----------------------------------------------------------------------------------------------
-# The SVF layer
+# ---- The SVF layer
 
 
 class SVFLinear(nn.Module):
@@ -138,8 +136,7 @@ class SVFLinear(nn.Module):
         self.mode = "train"
 
 
-# ----------------------------------------------------------------------------------------------
-# Which matrices, and their SVD (computed once in fp32, cached on disk)
+# ---- Which matrices, and their SVD (computed once in fp32, cached on disk)
 
 
 def target_names(model: m.Transformer, targets: str = "mlp", layers=None) -> list[str]:
@@ -213,8 +210,7 @@ def _read_key(path: Path) -> str | None:
         return (f.metadata() or {}).get("key")
 
 
-# ----------------------------------------------------------------------------------------------
-# SVF on a whole model
+# ---- SVF on a whole model
 
 
 def initial_z(r: int, param: str, generator=None, init_std: float | None = None) -> torch.Tensor:
@@ -365,36 +361,8 @@ class SVF:
         return meta
 
 
-def read_adapter_file(path, fmt: str, kind: str, what: str, train_command: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (fp32) and metadata of a safetensors file whose metadata says format fmt (an SVF expert
-    or a LoRA file), with errors that say what went wrong and what to do: kind names the file in the
-    not-found message, what in the wrong-format one."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{kind} {path} not found (train one with: {train_command})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); was it truncated?") from e
-    if meta.get("format") != fmt:
-        hint = {EXPERT_FORMAT: " (an SVF expert: give it as --expert)"}.get(meta.get("format"), "")
-        raise ValueError(f"{path} is not {what} (metadata format {meta.get('format')!r}, expected {fmt!r}){hint}")
-    # A NaN in a z or a LoRA factor spreads to every weight it touches; the model then answers only end-of-text.
-    bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        first = tensors[bad[0]]
-        raise ValueError(f"{path}: {bad[0]} is not finite (NaN or inf in {(~torch.isfinite(first)).sum()} of its "
-                         f"{first.numel()} values; {len(bad)} of the file's {len(tensors)} tensors hold some). The training "
-                         f"that wrote it diverged or the file is damaged: train it again ({train_command})")
-    return tensors, meta
-
-
 def read_expert(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return read_adapter_file(path, EXPERT_FORMAT, "expert file", "an SVF expert", "python train.py --task gsm8k")
+    return common.read_adapter_file(path, EXPERT_FORMAT, "expert file", "an SVF expert", "python train.py --task gsm8k")
 
 
 def check_fits(svf: SVF, z: dict, meta: dict, path):
@@ -428,8 +396,7 @@ def apply_expert(model: m.Transformer, path, merge: bool = True, shuffle_seed: i
     return svf
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixing experts (what few-shot adaptation searches over)
+# ---- Mixing experts (what few-shot adaptation searches over)
 
 
 def mix(experts: list[dict[str, torch.Tensor]], alpha: torch.Tensor, param: str, layer_of=None) -> dict[str, torch.Tensor]:
