@@ -10,12 +10,10 @@ weights back into fp32 and writes the layout the rest of the code expects:
 The weights are dequantised from Q4_1 (4 bits per weight plus a scale and an offset per block of 32),
 so they are close to, but not the same as, the bf16 release: scores differ slightly from the published ones.
 
-What it is: a small GGUF reader in numpy (header, metadata, tensor table, and the F32, F16, BF16,
-Q8_0, Q4_0 and Q4_1 tensor formats), the GGUF -> Hugging Face name map for the Llama architecture,
-the undoing of llama.cpp's q/k row permutation, and a byte-level BPE tokenizer rebuilt from the vocab.
-What it is not: a general GGUF converter. k-quants, other architectures and sentencepiece vocabularies
-are refused with an error that says so. The `gguf` package is deliberately not used here; the tests
-compare this reader against it.
+What it is: the file read and dequantised by the `gguf` package (llama.cpp's own Python reader), the
+GGUF -> Hugging Face name map for the Llama architecture, the undoing of llama.cpp's q/k row
+permutation, and a byte-level BPE tokenizer rebuilt from the vocab. What it is not: a general GGUF
+converter. Other architectures and sentencepiece vocabularies are refused with an error that says so.
 
     python convert_gguf.py --out .cache/SmolLM2-135M-Instruct            # the packaged file
     python convert_gguf.py --gguf model.Q8_0.gguf --out some/folder       # any llama GGUF in these formats
@@ -29,11 +27,9 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import mmap
 import os
 import pathlib
 import shutil
-import struct
 import time
 
 import numpy as np
@@ -43,174 +39,37 @@ PACKAGE_VERSION = "0.1.2"
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # -----------------------------------------------------------------------------
-# GGUF reader
-
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32  # the data section and every tensor start on a multiple of this, unless
-                        # the metadata key general.alignment says otherwise
-
-# Metadata value types: id -> struct format (little-endian) for the fixed-size ones.
-# 8 is a string (u64 length + utf-8 bytes), 9 an array (u32 element type, u64 count, elements).
-GGUF_STRING, GGUF_ARRAY = 8, 9
-GGUF_SCALAR_FORMATS = {
-    0: "<B",   # uint8
-    1: "<b",   # int8
-    2: "<H",   # uint16
-    3: "<h",   # int16
-    4: "<I",   # uint32
-    5: "<i",   # int32
-    6: "<f",   # float32
-    7: "<?",   # bool
-    10: "<Q",  # uint64
-    11: "<q",  # int64
-    12: "<d",  # float64
-}
-
-# Tensor types (ggml_type ids). Only the first six are read; the names are for the error message.
-GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
-GGML_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
-    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}
-# (elements per block, bytes per block) of the types we read. A row of a quantised tensor is a
-# whole number of blocks, so bytes = elements // block_elements * block_bytes.
-GGML_BLOCK = {
-    GGML_F32: (1, 4),
-    GGML_F16: (1, 2),
-    GGML_BF16: (1, 2),
-    GGML_Q8_0: (32, 2 + 32),      # f16 scale d, 32 int8:                      x = q * d
-    GGML_Q4_0: (32, 2 + 16),      # f16 scale d, 32 4-bit q packed in 16 bytes: x = (q - 8) * d
-    GGML_Q4_1: (32, 2 + 2 + 16),  # f16 scale d, f16 minimum m, 16 bytes:       x = q * d + m
-}
-
-
-class _Cursor:
-    """Reads little-endian values one after another from the mapped file."""
-
-    def __init__(self, buffer, path):
-        self.buffer, self.path, self.position = buffer, path, 0
-
-    def scalar(self, fmt):
-        try:
-            (value,) = struct.unpack_from(fmt, self.buffer, self.position)
-        except struct.error:
-            raise ValueError(f"{self.path}: truncated GGUF header at byte {self.position}") from None
-        self.position += struct.calcsize(fmt)
-        return value
-
-    def string(self):
-        length = self.scalar("<Q")
-        raw = self.buffer[self.position : self.position + length]
-        if len(raw) != length:
-            raise ValueError(f"{self.path}: truncated GGUF string at byte {self.position}")
-        self.position += length
-        return raw.decode("utf-8")
-
-    def value(self, value_type):
-        if value_type in GGUF_SCALAR_FORMATS:
-            return self.scalar(GGUF_SCALAR_FORMATS[value_type])
-        if value_type == GGUF_STRING:
-            return self.string()
-        if value_type == GGUF_ARRAY:
-            element_type, count = self.scalar("<I"), self.scalar("<Q")
-            if element_type in GGUF_SCALAR_FORMATS:
-                # numeric arrays (token types, scores) can hold 100k+ entries: read them in one go
-                dtype = np.dtype(GGUF_SCALAR_FORMATS[element_type])
-                values = np.frombuffer(self.buffer, dtype, count, self.position)
-                self.position += count * dtype.itemsize
-                return values.tolist()
-            return [self.value(element_type) for _ in range(count)]
-        raise ValueError(f"{self.path}: unknown GGUF metadata value type {value_type} at byte {self.position}")
+# Reading the file: the gguf package (maintained with llama.cpp)
 
 
 def read_gguf(path):
-    """Read a GGUF file. Returns (metadata, tensors, tensor_types):
+    """Read a GGUF file with the gguf package. Returns (metadata, tensors, tensor_types):
 
     metadata:     {key: value}, values as Python ints, floats, bools, strings or lists of them;
     tensors:      {gguf_name: np.ndarray}, dequantised to float32, in Hugging Face shape (rows, columns),
                   in the file's row order (q and k are still in llama.cpp's permuted order);
     tensor_types: {gguf_name: how the file stored it, e.g. "Q4_1"}.
     """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
     path = pathlib.Path(path)
-    with open(path, "rb") as file:
-        # mmap: the header is parsed in place and each tensor is viewed without copying the file
-        buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    cursor = _Cursor(buffer, path)
-
-    magic = bytes(buffer[:4])
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    cursor.position = 4
-    version = cursor.scalar("<I")
-    if version not in (2, 3):
-        # version 1 used 32-bit counts; a big-endian file (allowed since version 3) reads as a huge number
-        raise ValueError(f"{path}: GGUF version {version} is not supported (only little-endian versions 2 and 3)")
-    tensor_count, metadata_count = cursor.scalar("<Q"), cursor.scalar("<Q")
-
-    metadata = {}
-    for _ in range(metadata_count):
-        key = cursor.string()
-        metadata[key] = cursor.value(cursor.scalar("<I"))
-
-    tensor_table = []  # (name, dims as stored, ggml type, offset within the data section)
-    for _ in range(tensor_count):
-        name = cursor.string()
-        n_dims = cursor.scalar("<I")
-        dims = [cursor.scalar("<Q") for _ in range(n_dims)]
-        tensor_table.append((name, dims, cursor.scalar("<I"), cursor.scalar("<Q")))
-
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    data_start = -(-cursor.position // alignment) * alignment  # round up to the alignment
-
+    try:
+        reader = GGUFReader(path)  # maps the file; a wrong magic or a truncated tensor fails here
+    except ValueError as error:
+        raise ValueError(f"{path}: not a readable GGUF file ({error}); download it again") from error
+    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     tensors, tensor_types = {}, {}
-    for name, dims, ggml_type, offset in tensor_table:
-        # GGUF lists dimensions fastest-varying first (ne0 = columns); numpy and torch want them the
-        # other way round. The bytes are already row-major, so reversing the list is all it takes.
-        shape = tuple(reversed(dims))
-        tensors[name] = dequantize(buffer, data_start + offset, ggml_type, shape, name=f"{path}: tensor {name!r}")
-        tensor_types[name] = GGML_TYPE_NAMES[ggml_type]
+    for tensor in reader.tensors:
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as error:
+            raise ValueError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the gguf "
+                             f"package cannot dequantise ({error})") from error
+        # GGUF lists dimensions fastest-varying first (ne0 = columns); numpy wants them the other way round.
+        tensors[tensor.name] = values.astype(np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        tensor_types[tensor.name] = tensor.tensor_type.name
     return metadata, tensors, tensor_types
-
-
-def dequantize(buffer, start, ggml_type, shape, name="tensor"):
-    """Decode one tensor that begins at byte `start` of `buffer` into a float32 array of `shape`."""
-    if ggml_type not in GGML_BLOCK:
-        type_name = GGML_TYPE_NAMES.get(ggml_type, f"unknown type id {ggml_type}")
-        supported = ", ".join(GGML_TYPE_NAMES[t] for t in GGML_BLOCK)
-        raise ValueError(f"{name} is stored as {type_name}, which this converter cannot read; supported: {supported}")
-    block_elements, block_bytes = GGML_BLOCK[ggml_type]
-    n_elements = int(np.prod(shape))
-    if shape[-1] % block_elements:
-        raise ValueError(f"{name}: row length {shape[-1]} is not a multiple of the block size {block_elements}")
-    n_bytes = n_elements // block_elements * block_bytes
-    if start + n_bytes > len(buffer):
-        raise ValueError(f"{name}: data runs past the end of the file (truncated download?)")
-    raw = np.frombuffer(buffer, np.uint8, n_bytes, start)
-
-    if ggml_type == GGML_F32:
-        values = raw.view(np.float32).copy()  # copy: do not hand out views of the mapped file
-    elif ggml_type == GGML_F16:
-        values = raw.view(np.float16).astype(np.float32)
-    elif ggml_type == GGML_BF16:
-        # bf16 is the top half of a float32: shift the 16 bits up and reinterpret
-        values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        blocks = raw.reshape(-1, block_bytes)  # (n_blocks, block_bytes)
-        scale = blocks[:, 0:2].view(np.float16).astype(np.float32)  # (n_blocks, 1)
-        if ggml_type == GGML_Q8_0:
-            values = blocks[:, 2:].view(np.int8).astype(np.float32) * scale
-        else:
-            packed = blocks[:, -16:]  # (n_blocks, 16): element j in the low nibble, element j+16 in the high
-            quants = np.concatenate([packed & 0x0F, packed >> 4], axis=1)  # (n_blocks, 32) in element order
-            if ggml_type == GGML_Q4_0:
-                values = (quants.astype(np.int8) - np.int8(8)).astype(np.float32) * scale
-            else:  # Q4_1
-                minimum = blocks[:, 2:4].view(np.float16).astype(np.float32)
-                values = quants.astype(np.float32) * scale + minimum
-    return values.reshape(shape)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Tests for convert_gguf.py. Every check compares against an independent reference, never against
 our own earlier output:
 
-- the `gguf` package (llama.cpp's own Python reader, writer and dequantiser) for the file format;
+- the values written into a file by the `gguf` package's writer (llama.cpp's), for reading it back;
 - llama.cpp's q/k permutation, copied from its convert_hf_to_gguf.py, for the un-permute;
 - transformers' GGUF loading (its own name map and un-permute, and its own tokenizer builder) for the
   whole converted model and tokenizer.
@@ -28,12 +28,6 @@ def gguf_path():
 
 
 @pytest.fixture(scope="module")
-def ours(gguf_path):
-    """(metadata, tensors, tensor_types) as our reader returns them for the packaged file."""
-    return convert_gguf.read_gguf(gguf_path)
-
-
-@pytest.fixture(scope="module")
 def converted(gguf_path, tmp_path_factory):
     """The packaged GGUF converted once into a Hugging Face folder."""
     return convert_gguf.convert(gguf_path, tmp_path_factory.mktemp("converted") / "SmolLM2-135M-Instruct")
@@ -42,30 +36,6 @@ def converted(gguf_path, tmp_path_factory):
 def reference_metadata(reader):
     """{key: value} from gguf.GGUFReader, without the header fields it reports as GGUF.* keys."""
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-
-
-# -----------------------------------------------------------------------------
-# the reader against the gguf package
-
-
-def test_reader_matches_gguf_package_on_packaged_file(gguf_path, ours):
-    metadata, tensors, tensor_types = ours
-    reader = gguf.GGUFReader(gguf_path)
-    assert metadata == reference_metadata(reader)
-
-    by_type = {}
-    for tensor in reader.tensors:
-        by_type.setdefault(tensor.tensor_type.name, []).append(tensor)
-    assert set(by_type) == {"Q4_1", "Q8_0", "F32"}  # what this file holds; each is checked below
-    assert tensor_types == {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
-
-    for type_name, sample in by_type.items():
-        for tensor in sample[:4] + sample[-2:]:  # first and last layers, and whatever sits between
-            expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            got = tensors[tensor.name]
-            assert got.dtype == np.float32
-            assert got.shape == expected.shape == tuple(reversed(tensor.shape.tolist())), tensor.name
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{tensor.name} ({type_name})")
 
 
 def write_synthetic_gguf(path, tensors, alignment=None):
@@ -98,65 +68,48 @@ def write_synthetic_gguf(path, tensors, alignment=None):
     writer.close()
 
 
-SUPPORTED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
+# Worst error of each storage format on N(0, 3²) values, as a share of the largest |value|: a reading
+# that puts values in the wrong place or scales them wrongly is off by far more.
+TOLERANCE = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.01, "Q5_0": 0.05, "Q4_0": 0.1, "Q4_1": 0.1}
 
 
-@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("alignment", [None, 64])
-def test_reader_matches_gguf_package_on_every_supported_type(tmp_path, version, alignment):
+def test_reader_gives_back_the_values_written(tmp_path, alignment):
+    """read_gguf on a file written by llama.cpp's own writer returns the values put in (within each
+    format's rounding), in their shape, and the metadata as written."""
     rng = np.random.default_rng(0)
-    tensors = {
-        f"t.{name}": (rng.standard_normal((3, 64)).astype(np.float32) * 3, GGMLQuantizationType[name])
-        for name in SUPPORTED
-    }
+    tensors = {f"t.{name}": (rng.standard_normal((3, 256)).astype(np.float32) * 3, GGMLQuantizationType[name])
+               for name in TOLERANCE}
     tensors["t.vector"] = (rng.standard_normal(96).astype(np.float32), GGMLQuantizationType.F32)
-    tensors["t.three_d"] = (rng.standard_normal((2, 3, 32)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    tensors["t.three_d"] = (rng.standard_normal((2, 3, 32)).astype(np.float32), GGMLQuantizationType.Q8_0)
     path = tmp_path / "synthetic.gguf"
     write_synthetic_gguf(path, tensors, alignment)
-    if version == 2:
-        # version 2 differs from 3 only in that 3 may also be big-endian: same bytes, other number
-        data = bytearray(path.read_bytes())
-        data[4:8] = (2).to_bytes(4, "little")
-        path.write_bytes(bytes(data))
-
     metadata, ours, tensor_types = convert_gguf.read_gguf(path)
-    reader = gguf.GGUFReader(path)
-    expected = reference_metadata(reader)
-    # GGUFReader.contents() flattens an array of arrays ([1, 2, 3]); the file itself keeps the nesting
-    assert expected.pop("test.nested_array") == [1, 2, 3]
-    assert metadata.pop("test.nested_array") == [[1, 2], [3]]
-    assert metadata == expected
+    assert {k: v for k, v in metadata.items() if k.startswith("test.") and k != "test.float32"} == {
+        "test.uint8": 200, "test.int8": -100, "test.uint16": 60000, "test.int16": -30000, "test.uint32": 4_000_000_000,
+        "test.int32": -2_000_000_000, "test.bool": True, "test.string": "héllo 日本 <|im_start|>",
+        "test.uint64": 2**63 + 5, "test.int64": -(2**62), "test.float64": 1e-300, "test.int_array": [1, -2, 3],
+        "test.float_array": [0.5, -1.25], "test.string_array": ["a", "", "Ġthe"],
+        "test.nested_array": [1, 2, 3]}  # the gguf package flattens an array of arrays
     assert metadata["test.float32"] == pytest.approx(0.1, rel=1e-7)
-    assert {tensor.name for tensor in reader.tensors} == set(ours) == set(tensors)
-    for tensor in reader.tensors:
-        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        assert tensor_types[tensor.name] == tensor.tensor_type.name
-        assert ours[tensor.name].shape == tensors[tensor.name][0].shape
-        np.testing.assert_allclose(ours[tensor.name], expected, rtol=0, atol=1e-6, err_msg=tensor.name)
-        # and the decoded values are near the originals: a guard on the reference itself
-        original = tensors[tensor.name][0]
-        assert np.abs(ours[tensor.name] - original).max() <= 0.25 * np.abs(original).max()
-
-
-def test_unsupported_tensor_type_is_a_clear_error(tmp_path):
-    path = tmp_path / "q5.gguf"
-    values = np.ones((2, 32), np.float32)
-    tensors = {"fine": (values, GGMLQuantizationType.Q4_1), "odd": (values, GGMLQuantizationType.Q5_0)}
-    write_synthetic_gguf(path, tensors)
-    with pytest.raises(ValueError, match=r"'odd' is stored as Q5_0.*supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
-        convert_gguf.read_gguf(path)
+    assert set(ours) == set(tensors)
+    for name, (original, quantisation) in tensors.items():
+        assert tensor_types[name] == quantisation.name
+        assert ours[name].dtype == np.float32 and ours[name].shape == original.shape, name
+        error = np.abs(ours[name] - original).max() / np.abs(original).max()
+        assert error <= TOLERANCE.get(quantisation.name, 0), (name, error)
 
 
 def test_not_a_gguf_file_is_a_clear_error(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    with pytest.raises(ValueError, match="not a GGUF file"):
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
         convert_gguf.read_gguf(path)
 
     truncated = tmp_path / "truncated.gguf"
     write_synthetic_gguf(truncated, {"t": (np.ones((2, 32), np.float32), GGMLQuantizationType.F32)})
     truncated.write_bytes(truncated.read_bytes()[:-8])
-    with pytest.raises(ValueError, match="runs past the end of the file"):
+    with pytest.raises(ValueError, match="not a readable GGUF file.*download it again"):
         convert_gguf.read_gguf(truncated)
 
 
