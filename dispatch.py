@@ -120,7 +120,7 @@ class TwoPass:
     def answer(self, task, examples, choices: list, progress: bool = True) -> list[str]:
         """Replies for every example, each with its chosen expert (a name, a z dict shared by all, or None).
         Examples that chose the same expert are generated together: one merge per expert."""
-        prompts = [self.tokenizer.encode_chat(task.messages(e)) for e in examples]
+        prompts = tasks.prompt_tokens(self.tokenizer, task, examples)
         replies = [None] * len(examples)
         groups: dict = {}
         for i, choice in enumerate(choices):
@@ -149,8 +149,8 @@ class TwoPass:
         that does not score above it is not used: on the shots, few-shot adaptation is never below base."""
         names = self.skills
         zs = [self.experts[n] for n in names]
-        prompts = [self.tokenizer.encode_chat(task.messages(e)) for e in shots]
-        references = [self.tokenizer.encode(task.reference(e)) + self.tokenizer.eos_ids[:1] for e in shots]
+        prompts = tasks.prompt_tokens(self.tokenizer, task, shots)
+        references = tasks.reference_tokens(self.tokenizer, task, shots)
         shape = (len(names), self.model.args.n_layers) if per_layer else (len(names),)
 
         def score_current_weights():

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 
 import generate as gen
+import tasks
 from parallel import all_reduce_sum, sum_gradients
+
 
 @dataclass
 class Rollouts:
@@ -94,7 +96,7 @@ def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_si
     if samples > 1 and temperature == 0:
         raise ValueError(f"{samples} greedy replies to one prompt are all the same: sample (temperature > 0)")
     examples = [e for e in examples for _ in range(samples)]
-    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
+    prompts = tasks.prompt_tokens(tokenizer, task, examples)
     with svf.merged():
         out = gen.generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
                            temperature=temperature, seed=seed)
@@ -253,8 +255,8 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
 
 def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler, micro_batch, clip, autocast_dtype):
     """Supervised baseline: mean negative log-likelihood of the reference reply (then EOS) given the prompt."""
-    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
-    targets = [tokenizer.encode(task.reference(e)) + tokenizer.eos_ids[:1] for e in examples]
+    prompts = tasks.prompt_tokens(tokenizer, task, examples)
+    targets = tasks.reference_tokens(tokenizer, task, examples)
     n_tokens = all_reduce_sum(sum(map(len, targets))).item()  # over the global batch
     optimizer.zero_grad(set_to_none=True)
     total = 0.0

@@ -8,8 +8,7 @@
 
 Training tasks (one SVF expert each): gsm8k (math), mbpp (code), arc_easy (reasoning).
 Held-out tasks: math, humaneval, arc_challenge. cls is the task-label classification that trains the
-classification expert z^c (docs/paper.md §3 B). This file is the data loading, the prompts and the scoring;
-it does not generate text, train, or run code itself (generated code goes to sandbox.py).
+classification expert z^c (docs/paper.md §3 B). Generated code is run by sandbox.py, not here.
 
 Splits. Deterministic and leak-free; rows keep their source order inside a split. The paper splits each
 training task into equal train and valid halves; we shuffle the source indices once with
@@ -48,7 +47,6 @@ import sandbox
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SEED = 0  # the one seed behind every split
-CODE_TIMEOUT = 10.0  # seconds per generated program
 
 
 def read_jsonl_gz(path):
@@ -93,9 +91,14 @@ def seeded_split(rows, sizes, seed=SEED):
     return parts
 
 
-def reward(correct: bool) -> float:
-    """The paper's unit reward: +1 for a correct answer, -1 otherwise."""
-    return 1.0 if correct else -1.0
+def prompt_tokens(tokenizer, task, examples) -> list[list[int]]:
+    """Each example's prompt, in the model's own chat template, as token ids."""
+    return [tokenizer.encode_chat(task.messages(e)) for e in examples]
+
+
+def reference_tokens(tokenizer, task, examples) -> list[list[int]]:
+    """Each example's reference reply, then EOS, as token ids (the supervised target; CEM's signal)."""
+    return [tokenizer.encode(task.reference(e)) + tokenizer.eos_ids[:1] for e in examples]
 
 
 # ------------------------------------------------------------------------------------------ the base task
@@ -117,7 +120,7 @@ class Task:
     def question(self, example) -> str:
         """The problem as the user states it, without our answer-format instruction (what the
         classification prompt classifies)."""
-        raise NotImplementedError
+        return example["question"]
 
     def prompt(self, example) -> str:
         raise NotImplementedError
@@ -146,7 +149,7 @@ class Task:
         return [self._score(e, c) for e, c in zip(examples, completions)]
 
     def reward(self, correct: bool) -> float:
-        return reward(correct)
+        return 1.0 if correct else -1.0  # the paper's unit reward
 
 
 # ------------------------------------------------------------------------------------------ GSM8K
@@ -164,9 +167,6 @@ class GSM8K(Task):
             return rows
         train, valid = seeded_split(rows, [3737, 3736])
         return train if split == "train" else valid
-
-    def question(self, example):
-        return example["question"]
 
     def prompt(self, example):
         return (f"{example['question']}\n\nSolve the problem step by step. "
@@ -289,7 +289,7 @@ class CodeTask(Task):
     run in a process of their own, so a solution that exits early, hooks exceptions, traces the
     test code or returns an object equal to everything does not pass (judge.py's docstring)."""
     category = "code"
-    timeout = CODE_TIMEOUT
+    timeout = 10.0  # seconds per generated program
     max_new_tokens = 384
 
     def extract(self, example, completion):
@@ -412,9 +412,6 @@ class Classification(Task):
                              "source": source})
         random.Random(SEED).shuffle(rows)  # mix the sources
         return rows
-
-    def question(self, example):
-        return example["question"]
 
     def messages(self, example):
         return classify.classification_messages(example["question"], self.categories)

@@ -89,7 +89,7 @@ def import_old_model():
 def workload_prompts(tokenizer, w) -> list[list[int]]:
     task = tasks.get(w["task"])  # ARC missing: the error says to run  python tasks.py build-arc
     examples = task.load(w["split"])[: w["prompts"]]
-    return [tokenizer.encode_chat(task.messages(e)) for e in examples for _ in range(w["samples"])]
+    return tasks.prompt_tokens(tokenizer, task, [e for e in examples for _ in range(w["samples"])])
 
 
 def until_eos(row, eos) -> list[int]:
@@ -213,7 +213,7 @@ def rl_path(load, generate_fn, task, examples, rl, autocast, folder, fallback):
     the update. fallback (the old path): if train_step cannot use this model, time it on model.py's instead."""
     model, tokenizer = load()
     svf = svf_lib.SVF(model, targets="mlp", param="mask", seed=SEED, progress=False)
-    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
+    prompts = tasks.prompt_tokens(tokenizer, task, examples)
     with svf.merged():
         generate_fn(model, tokenizer, prompts[:2], 4)  # warm-up
         start = time.perf_counter()

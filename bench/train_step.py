@@ -44,7 +44,7 @@ def main():
     svf = svf_lib.SVF(model, targets="mlp", param="mask", progress=False)
     task = tasks.get(args.task)
     examples = task.load("train")[: args.prompts]
-    prompts = [tokenizer.encode_chat(task.messages(e)) for e in examples]
+    prompts = tasks.prompt_tokens(tokenizer, task, examples)
     generator = torch.Generator().manual_seed(0)
     replies = [[torch.randint(100, 10000, (args.reply_tokens,), generator=generator).tolist()
                 for _ in range(args.samples)] for _ in prompts]
