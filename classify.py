@@ -8,7 +8,7 @@ from answers import last_boxed
 
 CATEGORIES = ("code", "math", "reasoning")  # the paper's; pass 1 takes those of the experts it has
 
-# Figure 3 of the paper as docs/paper.md gives it; the guideline sentences that the figure cuts off with
+# Figure 3 of the paper (arXiv 2501.06252, §3.2 A); the guideline sentences that the figure cuts off with
 # "..." are completed from the reference code (SakanaAI/self-adaptive-llms, the classification prompt in
 # its cls task and prompt-based evaluation), which words the fourth class 'other'; we keep the paper's 'others'.
 GUIDELINES = {

@@ -1,4 +1,4 @@
-"""REINFORCE with a KL penalty for SVF experts, the paper's training objective (§3.1, docs/paper.md §2):
+"""REINFORCE with a KL penalty for SVF experts, the paper's training objective (arXiv 2501.06252, §3.1):
 
     J(z) = E[ log π_{W'}(ŷ | x) · A ] − λ · KL(π_{W'} ‖ π_W)
 

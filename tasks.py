@@ -8,7 +8,7 @@
 
 Training tasks (one SVF expert each): gsm8k (math), mbpp (code), arc_easy (reasoning).
 Held-out tasks: math, humaneval, arc_challenge. cls is the task-label classification that trains the
-classification expert z^c (docs/paper.md §3 B). Generated code is run by sandbox.py, not here.
+classification expert z^c (the paper's §3.2 B). Generated code is run by sandbox.py, not here.
 
 Splits. Deterministic and leak-free; rows keep their source order inside a split. The paper splits each
 training task into equal train and valid halves; we shuffle the source indices once with

@@ -32,7 +32,7 @@ def test_golden_greedy_answer(default_model):
 
 
 def test_perplexity_of_english_is_sane(default_model):
-    """About 12 on plain English; a wrong rotary layout or q/k permutation gives 38-200 (default-model.md)."""
+    """About 12 on plain English; a wrong rotary layout or q/k permutation gave 38-200 when the converter was written."""
     model, tokenizer = default_model
     ids = torch.tensor([tokenizer.encode(PARAGRAPH)])
     logp = torch.log_softmax(model(ids)[0, :-1], dim=-1).gather(-1, ids[0, 1:, None])

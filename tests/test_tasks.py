@@ -138,7 +138,7 @@ def test_messages(name, request):
 
 
 def test_classification_prompt_matches_the_paper():
-    # docs/paper.md §3 A, with the "..." completed from the reference code
+    # the paper's Figure 3 (§3.2 A), with the "..." completed from the reference code
     prompt = classify.classification_prompt()
     assert prompt.startswith("Analyze the given question and classify it into one of four categories: "
                              "'code', 'math', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
