@@ -213,8 +213,7 @@ def compile_wanted(choice: str, device) -> bool:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (lscpu flags avx512_bf16 or amx_bf16). Without it
-    bf16 matmuls are emulated: on a 2-core AMD EPYC (no such flags), 256 x 576 @ 576 x 1536 took 44 ms
-    forward and 263 ms for the input gradient in bf16 against 8 and 7 ms in fp32."""
+    bf16 matmuls are emulated and many times slower than fp32 (docs/findings.md, "CPUs differ")."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -239,8 +238,8 @@ def cast_weights(model: torch.nn.Module, dtype: torch.dtype):
 def probe_cpu_dtype(model: torch.nn.Module, rows: int, repeats: int = 3) -> tuple[torch.dtype, dict]:
     """The faster weight dtype for this model on this CPU, fp32 or bf16, timed on what generation does
     most: a forward of `rows` one-token rows (a decode step's matrix shapes). The answer depends on the
-    CPU and the rows: with AMX, bf16 matmuls of 16-128 rows were 2.4-5x faster than fp32 and a 1-row one
-    0.8x. Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
+    CPU and the rows (with AMX, bf16 is faster at 16-128 rows and slower at one: docs/findings.md).
+    Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
     tokens = torch.randint(model.args.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
     seconds = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -88,9 +88,9 @@ class LoRA:
 def apply(model, path) -> LoRA:
     """Wrap the model's q and v with the LoRA a file holds (train.py --method lora), ready for generation."""
     state, meta = common.read_adapter_file(path, FORMAT, "LoRA file", "a LoRA file",
-                                        "python train.py --task arc_easy --method lora")
+                                           "python train.py --task arc_easy --method lora")
     rank = next((v.shape[0] for k, v in state.items() if k.endswith(".A")), 16)
-    # Files written before rank and alpha were recorded used the defaults (alpha 32).
+    # A file without rank and alpha in its metadata was written with the defaults (alpha 32).
     lora = LoRA(model, rank=int(meta.get("rank", rank)), alpha=float(meta.get("alpha", 32)), dropout=0.0)
     expected = {f"{name}.{part}": tuple(getattr(module, part).shape) for name, module in lora.modules.items() for part in "AB"}
     found = {k: tuple(v.shape) for k, v in state.items()}

@@ -18,7 +18,7 @@ interference from other processes only ever adds time. The base runs as the same
 (each target is the original nn.Linear behind one extra Python call). Also printed: the one-off SVD time
 (cache off), the merge time (every W' built) and peak memory per step.
 
-The issue's target: an SVF training step at most 1.3x the base model's forward+backward.
+What it is compared with: an SVF training step should cost at most 1.3x the base model's forward+backward.
 """
 
 import argparse
