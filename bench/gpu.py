@@ -67,7 +67,7 @@ def correctness(device):
         folder = Path(folder)
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         try:
-            from conftest import tiny_hf_model
+            from tiny_models import tiny_hf_model  # tests/, put on sys.path above
             hf = tiny_hf_model("llama", folder).to(device)
             ours, tok = m.load(folder, dtype=torch.float32, device=device)
             tokens = torch.randint(3, 96, (2, 24), device=device)

@@ -16,7 +16,8 @@ import lora
 import common
 import model as m
 import svf
-from conftest import ROOT, TINY, write_tiny_tokenizer
+from conftest import ROOT
+from tiny_models import TINY, write_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

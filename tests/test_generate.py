@@ -8,7 +8,7 @@ import torch
 import common
 import generate as gen
 import model as m
-from conftest import tiny_hf_model
+from tiny_models import tiny_hf_model
 
 FAMILIES = {"llama": {}, "mistral_window": dict(sliding_window=8), "qwen2": dict(tie_word_embeddings=True)}
 

@@ -10,7 +10,7 @@ import torch
 import common
 import model as m
 from tokenizer import Tokenizer
-from conftest import tiny_hf_model
+from tiny_models import tiny_hf_model
 
 FAMILIES = {
     "llama": {},
@@ -142,7 +142,7 @@ def test_chat_template_matches_transformers(tmp_path):
     """Our Jinja rendering equals transformers' apply_chat_template for a ChatML and a Llama-3 style template."""
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import write_tiny_tokenizer
+    from tiny_models import write_tiny_tokenizer
 
     chatml = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
               "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}"

@@ -52,7 +52,7 @@ def test_replies_packed_after_a_shared_prompt_match_one_by_one(tmp_path, family)
     """Group rollouts: K replies to one prompt share one computation of it (pack_replies). Each reply's
     log-probability, KL and the gradient they send to z equal those of the reply computed alone
     after its prompt (the plain forward), with a sliding window shorter than the rows too."""
-    from conftest import tiny_hf_model
+    from tiny_models import tiny_hf_model
 
     tiny_hf_model(family.split("_")[0], tmp_path, **({"sliding_window": 6} if family == "mistral_window" else {}))
     model, _, svf = fresh(tmp_path)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 import common
 import model as m
 import svf
-from conftest import evaluate_main_inputs, tiny_hf_model
+from conftest import evaluate_main_inputs
+from tiny_models import tiny_hf_model
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
