@@ -82,7 +82,7 @@ def main(argv=None):
 
         lora.apply(model, args.lora)  # q and v; the SVF experts adapt the MLP, so the two do not overlap
     experts = dispatch.load_experts(args.experts)
-    two = dispatch.TwoPass(model, tokenizer, experts, args.batch_size)
+    two_pass = dispatch.TwoPass(model, tokenizer, experts, args.batch_size)
     report = dict(mode=args.mode, lora=args.lora, task=task.name, split=split, scored=len(scored),
                   shots=len(shots) if args.mode == "fewshot" else 0, shots_excluded_from=shot_split)
 
@@ -91,26 +91,26 @@ def main(argv=None):
     if args.mode in ("prompt", "cls"):
         trained_rule = experts.get(dispatch.CLASSIFIER, (None, {}))[1].get("label_rule", "lenient")
         rule = args.label_rule or (trained_rule if args.mode == "cls" else "strict")
-        choices, pass1_replies = two.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
+        choices, pass1_replies = two_pass.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
                                               strict=rule == "strict")
         truth = task.category
         report["label_rule"] = rule
         report["chosen"] = dict(Counter(c or "base (others / unreadable)" for c in choices))
         for each in ("strict", "lenient"):  # both rules on the same replies, for comparison
-            routed = choices if each == rule else two.route(pass1_replies, each == "strict", args.mode == "cls")
+            routed = choices if each == rule else two_pass.route(pass1_replies, each == "strict", args.mode == "cls")
             report[f"classification_accuracy_{each}"] = sum(c == truth for c in routed) / len(routed)
         report["classification_accuracy"] = report[f"classification_accuracy_{rule}"]
     elif args.mode == "fewshot":
         settings = cem.LIGHT if args.cem == "light" else cem.Settings()
         settings = dataclasses.replace(settings, normalize=args.normalize, seed=args.seed)
-        chosen = two.fewshot_alpha(task, shots, settings, args.per_layer,
+        chosen = two_pass.fewshot_alpha(task, shots, settings, args.per_layer,
                                    log=lambda h: print(f"[cem] iteration {h['iteration']}: best score {h['best_score']}"))
         result = chosen.result
         print(f"[cem] decided by {chosen.decided_by}")
         if chosen.alpha is None:
             choices = [None] * len(scored)
         else:
-            choices = [two.mixed(chosen.names, chosen.alpha)] * len(scored)
+            choices = [two_pass.mixed(chosen.names, chosen.alpha)] * len(scored)
         alpha = result.best if not args.per_layer else result.best.mean(dim=1)
         report.update(alpha=dict(zip(chosen.names, alpha.tolist())) if chosen.alpha is not None else None,
                       best_mixture_alpha=dict(zip(chosen.names, alpha.tolist())), alpha_full=result.best.tolist(),
@@ -119,15 +119,15 @@ def main(argv=None):
                       cem_evaluations=result.evaluations, shot_score=list(result.best_score),
                       cem_history=result.history)
     elif args.mode == "expert":
-        if args.expert_name not in two.experts:
-            raise SystemExit(f"no expert {args.expert_name!r} in {args.experts} (have {sorted(two.experts)})")
+        if args.expert_name not in two_pass.experts:
+            raise SystemExit(f"no expert {args.expert_name!r} in {args.experts} (have {sorted(two_pass.experts)})")
         choices = [args.expert_name] * len(scored)
     else:
         choices = [None] * len(scored)
     pass1 = time.perf_counter() - start
 
     start = time.perf_counter()
-    replies = two.answer(task, scored, choices)
+    replies = two_pass.answer(task, scored, choices)
     pass2 = time.perf_counter() - start
     correct = task.score_many(scored, replies)
     report.update(evaluate.accuracy(correct), pass1_seconds=pass1, pass2_seconds=pass2,

@@ -5,6 +5,7 @@
     adapt.py --lora apply a trained file.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-import svf
 
 FORMAT = "transformer2-lora/1"
 PROJECTIONS = ("q_proj", "v_proj")
@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
         self.A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5)
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))
         self.scale, self.dropout = alpha / rank, dropout
-        self.mode = "train"  # "train" (dropout on) | "merged" (no dropout, for generation) | "disabled" (W alone)
+        self.mode = "train"  # "train" (dropout on) | "eval" (no dropout) | "disabled" (W alone)
 
     def forward(self, x):
         y = self.base(x)
@@ -64,16 +64,27 @@ class LoRA:
             lora.A.copy_(state[f"{name}.A"])
             lora.B.copy_(state[f"{name}.B"])
 
-    mode = svf.SVF.mode  # every layer in the given mode for the duration, then back to the mode it had
-
     def set_mode(self, mode):
         for lora in self.modules.values():
             lora.mode = mode
 
+    @contextlib.contextmanager
+    def mode(self, mode: str):
+        """Every LoRA layer in the given mode for the duration, then back to the mode it had."""
+        previous = next(iter(self.modules.values())).mode
+        self.set_mode(mode)
+        try:
+            yield self
+        finally:
+            self.set_mode(previous)
+
     def merged(self):
-        return self.mode("merged")
+        """What svf.SVF.merged is for the training loop: the adapted model for generation. The low-rank
+        update is kept beside W (not folded in); only dropout is off."""
+        return self.mode("eval")
 
     def disabled(self):
+        """The base model: the reference policy of the KL term."""
         return self.mode("disabled")
 
     def save_expert(self, path, **extra):
@@ -99,5 +110,5 @@ def apply(model, path) -> LoRA:
         raise ValueError(f"{path} does not fit this model: {differ[0]} is {found.get(differ[0])} in the file and "
                          f"{expected.get(differ[0])} here ({len(differ)} tensors differ); it was trained for another model")
     lora.load_state(state)
-    lora.set_mode("merged")
+    lora.set_mode("eval")
     return lora

@@ -294,17 +294,17 @@ def main(argv=None):
         gen.compile_decode()
     torch.manual_seed(config["seed"])
     if config["method"] == "lora":
-        svf = LoRA(model, seed=config["seed"])
+        adapter = LoRA(model, seed=config["seed"])
     else:
-        svf = svf_lib.SVF(model, targets=config["targets"], param=config["param"], seed=config["seed"])
-        svf.configure_forward(svf_lib.TRAINING_FORWARD, use_compile=config["compile"])
-    optimizer, scheduler = reinforce.make_optimizer(svf.parameters(), config["lr"], steps)
+        adapter = svf_lib.SVF(model, targets=config["targets"], param=config["param"], seed=config["seed"])
+        adapter.configure_forward(svf_lib.TRAINING_FORWARD, use_compile=config["compile"])
+    optimizer, scheduler = reinforce.make_optimizer(adapter.parameters(), config["lr"], steps)
     autocast = torch.bfloat16 if config["autocast"] == "bf16" else None
 
     history, start_step, best = [], 0, None
     saved_step = None  # the step checkpoint.pt holds, None while there is none of this run
     if state is not None:
-        svf.load_state(state["z"])
+        adapter.load_state(state["z"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -328,17 +328,17 @@ def main(argv=None):
     def save_state(step):
         nonlocal saved_step
         if rank == 0:
-            checkpoint.save(checkpoint_path, dict(z=svf.state(), optimizer=optimizer.state_dict(),
+            checkpoint.save(checkpoint_path, dict(z=adapter.state(), optimizer=optimizer.state_dict(),
                                                   scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
                                                   history=history, step=step, best=best, config=config))
         saved_step = step
 
     def validate(step):
         nonlocal best
-        result = parallel.evaluate_split(model, tokenizer, svf, task, valid_set, config)
+        result = parallel.evaluate_split(model, tokenizer, adapter, task, valid_set, config)
         log(dict(step=step, valid_accuracy=result["accuracy"], valid_interval=result["interval"], valid_n=result["n"]))
         if best is None or result["accuracy"] > best["accuracy"]:
-            best = dict(step=step, accuracy=result["accuracy"], interval=result["interval"], z=svf.state())
+            best = dict(step=step, accuracy=result["accuracy"], interval=result["interval"], z=adapter.state())
         return result
 
     started = time.perf_counter()
@@ -355,14 +355,14 @@ def main(argv=None):
                 batch = [task.shuffle_options(e, order) for e in batch]
             examples = batch[rank::world]  # this process's share of the global batch
             if config["objective"] == "nexttoken":
-                stats = reinforce.nexttoken_step(model, svf, tokenizer, task, examples, optimizer, scheduler,
+                stats = reinforce.nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, scheduler,
                                        config["micro_batch"], config["clip"], autocast)
             else:
-                rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, config["max_new_tokens"],
+                rollouts = reinforce.rollout(model, tokenizer, adapter, task, examples, config["max_new_tokens"],
                                              batch_size=config["gen_batch"], temperature=config["temperature"],
                                              seed=config["seed"] * 1000003 + step + rank * 7919,
                                              samples=config["samples"])
-                stats = reinforce.train_step(model, svf, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
+                stats = reinforce.train_step(model, adapter, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
                                              config["micro_batch"], config["clip"], autocast, config["scale_by_std"])
             log(dict(step=step + 1, **stats, examples_per_process=len(examples)))
             if (step + 1) % config["eval_every"] == 0 or step + 1 == steps:
@@ -384,15 +384,15 @@ def main(argv=None):
     bar.close()
 
     # The best expert by validation accuracy, then base vs expert on the test split.
-    svf.load_state(best["z"])
+    adapter.load_state(best["z"])
     expert_path = out / "expert.safetensors"
     if rank == 0:
         # The category names the expert for adapt.py; a classifier also records the categories it learnt.
         classifier = dict(label_rule=config["label_rule"], categories=json.dumps(task.categories)) if task.name == "cls" else {}
-        svf.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
+        adapter.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
                         step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
-    base_test = parallel.evaluate_split(model, tokenizer, svf, task, test_set, config, use_svf=False)
-    expert_test = parallel.evaluate_split(model, tokenizer, svf, task, test_set, config)
+    base_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config, adapted=False)
+    expert_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config)
     paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],
                                         [r["correct"] for r in expert_test["records"]])
     minutes = (time.perf_counter() - started) / 60
