@@ -75,7 +75,7 @@ class TwoPass:
         classifier = experts.get(CLASSIFIER, (None, {}))[1]
         self.classifier_categories = tuple(json.loads(classifier.get("categories", "null")) or classify.CATEGORIES)
         meta = next(iter(experts.values()))[1]
-        self.svf = svf_lib.SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
+        self.svf = svf_lib.SVF(model, targets=meta["targets"], parametrization=meta["param"], layers=json.loads(meta.get("layers", "null")))
         for name, (z, meta) in experts.items():
             svf_lib.check_fits(self.svf, z, meta, f"expert {name!r}")
 
@@ -161,7 +161,7 @@ class TwoPass:
             return (accuracy, (logp.sum() / mask.sum()).item())
 
         def score(alpha):
-            with self.use(svf_lib.mix(zs, alpha, self.svf.param)):
+            with self.use(svf_lib.mix(zs, alpha, self.svf.parametrization)):
                 return score_current_weights()
 
         with self.use(None):
@@ -183,7 +183,7 @@ class TwoPass:
         return FewShotChoice(names, result.best, result, base_score, decided_by)
 
     def mixed(self, names, alpha) -> dict:
-        return svf_lib.mix([self.experts[n] for n in names], alpha, self.svf.param)
+        return svf_lib.mix([self.experts[n] for n in names], alpha, self.svf.parametrization)
 
 
 def shots_and_scored(task, split: str, n_shots: int, seed: int = 0, limit: int | None = None):

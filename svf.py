@@ -54,30 +54,30 @@ TRAINING_FORWARD = "factored"
 # ---- The scaled singular values and the two forwards
 
 
-def scaled_sigma(S: torch.Tensor, z: torch.Tensor, param: str) -> torch.Tensor:
+def scaled_sigma(S: torch.Tensor, z: torch.Tensor, parametrization: str) -> torch.Tensor:
     """σ' = σ ⊙ z (scale) or σ ⊙ sigmoid(z) · Σσ / Σ(σ ⊙ sigmoid(z)) (mask). Computed in fp32."""
-    if param == "scale":
+    if parametrization == "scale":
         return S * z
     masked = S * torch.sigmoid(z)
     return masked * (S.sum() / masked.sum())  # keep the nuclear norm Σσ: at a uniform mask W' = W
 
 
-def factored_forward(x, U, S, Vh, z, bias, param: str):
+def factored_forward(x, U, S, Vh, z, bias, parametrization: str):
     """(..., n) -> (..., m) through U diag(σ') Vᵀ without forming it: costs r(m + n) per row instead of mn."""
-    sigma = scaled_sigma(S, z, param).to(x.dtype)
+    sigma = scaled_sigma(S, z, parametrization).to(x.dtype)
     y = (x @ Vh.transpose(0, 1)) * sigma  # (..., r)
     y = y @ U.transpose(0, 1)  # (..., m)
     return y if bias is None else y + bias
 
 
-def materialize(U, S, Vh, z, param: str, dtype=None) -> torch.Tensor:
+def materialize(U, S, Vh, z, parametrization: str, dtype=None) -> torch.Tensor:
     """W' = U diag(σ') Vᵀ as a dense (m, n) matrix."""
-    sigma = scaled_sigma(S, z, param)
+    sigma = scaled_sigma(S, z, parametrization)
     return ((U.float() * sigma) @ Vh.float()).to(dtype or U.dtype)
 
 
-def materialized_forward(x, U, S, Vh, z, bias, param: str):
-    return F.linear(x, materialize(U, S, Vh, z, param, x.dtype), bias)
+def materialized_forward(x, U, S, Vh, z, bias, parametrization: str):
+    return F.linear(x, materialize(U, S, Vh, z, parametrization, x.dtype), bias)
 
 
 _compiled = {}
@@ -100,14 +100,14 @@ class SVFLinear(nn.Module):
     - merged: a dense W' built once (no grad) and used like an ordinary weight, for generation;
     - disabled: the original weight, untouched, for the base policy."""
 
-    def __init__(self, base: nn.Linear, U, S, Vh, param: str, z: torch.Tensor):
+    def __init__(self, base: nn.Linear, U, S, Vh, parametrization: str, z: torch.Tensor):
         super().__init__()
         self.base = base  # keeps the original weight, never modified
         self.register_buffer("U", U, persistent=False)  # (m, r)
         self.register_buffer("S", S, persistent=False)  # (r,) fp32, descending
         self.register_buffer("Vh", Vh, persistent=False)  # (r, n)
         self.z = nn.Parameter(z)  # (r,) fp32
-        self.param = param
+        self.parametrization = parametrization
         self.mode = "train"  # "train" | "merged" | "disabled"
         self.merged_weight: torch.Tensor | None = None
         self.forward_kind = TRAINING_FORWARD
@@ -121,11 +121,11 @@ class SVFLinear(nn.Module):
         fn = factored_forward if self.forward_kind == "factored" else materialized_forward
         if self.use_compile:
             fn = compiled(fn)
-        return fn(x, self.U, self.S, self.Vh, self.z, self.base.bias, self.param)
+        return fn(x, self.U, self.S, self.Vh, self.z, self.base.bias, self.parametrization)
 
     @torch.no_grad()
     def merge(self):
-        weight = materialize(self.U, self.S, self.Vh, self.z.detach(), self.param, self.base.weight.dtype)
+        weight = materialize(self.U, self.S, self.Vh, self.z.detach(), self.parametrization, self.base.weight.dtype)
         # Row-major like nn.Linear's weight: oneDNN's AMX bf16 kernel crashes (SIGFPE) on column-major
         # weights of some shapes, e.g. 32x49152 @ 49152x576.
         self.merged_weight = weight.contiguous()
@@ -213,8 +213,8 @@ def _read_key(path: Path) -> str | None:
 # ---- SVF on a whole model
 
 
-def initial_z(r: int, param: str, generator=None, init_std: float | None = None) -> torch.Tensor:
-    if param == "scale":
+def initial_z(r: int, parametrization: str, generator=None, init_std: float | None = None) -> torch.Tensor:
+    if parametrization == "scale":
         return torch.ones(r)  # z = 1 is W itself
     std = math.sqrt(1e-3) if init_std is None else init_std  # the paper's "mean 0.1, variance 1e-3"
     return 0.1 + std * torch.randn(r, generator=generator)
@@ -223,11 +223,11 @@ def initial_z(r: int, param: str, generator=None, init_std: float | None = None)
 class SVF:
     """SVF applied to a model: target layers swapped for SVFLinear, one z per matrix."""
 
-    def __init__(self, model: m.Transformer, targets: str = "mlp", param: str = "scale", layers=None,
+    def __init__(self, model: m.Transformer, targets: str = "mlp", parametrization: str = "scale", layers=None,
                  seed: int = 0, init_std: float | None = None, cache: bool = True, progress: bool = True):
-        if param not in PARAMETRIZATIONS:
-            raise ValueError(f"unknown parametrization {param!r}; choose one of {PARAMETRIZATIONS}")
-        self.model, self.targets, self.param = model, targets, param
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {PARAMETRIZATIONS}")
+        self.model, self.targets, self.parametrization = model, targets, parametrization
         self.layers = None if layers is None else sorted(layers)
         self.names = target_names(model, targets, layers)
         model.requires_grad_(False)  # only z learns: no gradient of a base weight is ever computed or kept
@@ -238,12 +238,12 @@ class SVF:
             parent_name, child = name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
             U, S, Vh = factors[name]
-            z = initial_z(S.numel(), param, generator, init_std).to(S.device)
-            layer = SVFLinear(getattr(parent, child), U, S, Vh, param, z)
+            z = initial_z(S.numel(), parametrization, generator, init_std).to(S.device)
+            layer = SVFLinear(getattr(parent, child), U, S, Vh, parametrization, z)
             setattr(parent, child, layer)
             self.modules[name] = layer
         if progress:
-            print(f"[svf] {param} on {targets} ({len(self.names)} matrices): {self.num_parameters():,} trainable "
+            print(f"[svf] {parametrization} on {targets} ({len(self.names)} matrices): {self.num_parameters():,} trainable "
                   f"parameters (the base model has {sum(p.numel() for p in model.parameters()) - self.num_parameters():,})",
                   file=sys.stderr)
 
@@ -319,7 +319,7 @@ class SVF:
         shapes = {name: list(layer.base.weight.shape) for name, layer in self.modules.items()}
         sigma = torch.cat([layer.S.float().cpu() for layer in self.modules.values()])
         return {
-            "format": EXPERT_FORMAT, "param": self.param, "targets": self.targets,
+            "format": EXPERT_FORMAT, "param": self.parametrization, "targets": self.targets,
             "layers": json.dumps(self.layers), "shapes": json.dumps(shapes),
             "sigma_fingerprint": hashlib.sha256(sigma.round(decimals=3).numpy().tobytes()).hexdigest()[:16],
             "sigma_sums": json.dumps([float(f"{layer.S.float().sum().item():.5g}") for layer in self.modules.values()]),
@@ -366,8 +366,8 @@ def read_expert(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def check_fits(svf: SVF, z: dict, meta: dict, path):
-    if meta["param"] != svf.param or meta["targets"] != svf.targets:
-        raise ValueError(f"{path} is a {meta['param']} expert on {meta['targets']}; this SVF is {svf.param} on {svf.targets}")
+    if meta["param"] != svf.parametrization or meta["targets"] != svf.targets:
+        raise ValueError(f"{path} is a {meta['param']} expert on {meta['targets']}; this SVF is {svf.parametrization} on {svf.targets}")
     if set(z) != set(svf.names):
         raise ValueError(f"{path} adapts other matrices than this model ({len(z)} vs {len(svf.names)}; "
                          f"e.g. {sorted(set(z) ^ set(svf.names))[:2]}): it was trained for another architecture or layer set")
@@ -389,7 +389,7 @@ def apply_expert(model: m.Transformer, path, merge: bool = True, shuffle_seed: i
     """SVF with the targets and parametrization an expert file names, its z loaded (permuted with
     shuffle_seed: see SVF.load_expert), merged for generation."""
     _, meta = read_expert(path)
-    svf = SVF(model, targets=meta["targets"], param=meta["param"], layers=json.loads(meta.get("layers", "null")))
+    svf = SVF(model, targets=meta["targets"], parametrization=meta["param"], layers=json.loads(meta.get("layers", "null")))
     svf.load_expert(path, shuffle_seed=shuffle_seed)
     if merge:
         svf.set_mode("merged")
@@ -399,7 +399,7 @@ def apply_expert(model: m.Transformer, path, merge: bool = True, shuffle_seed: i
 # ---- Mixing experts (what few-shot adaptation searches over)
 
 
-def mix(experts: list[dict[str, torch.Tensor]], alpha: torch.Tensor, param: str, layer_of=None) -> dict[str, torch.Tensor]:
+def mix(experts: list[dict[str, torch.Tensor]], alpha: torch.Tensor, parametrization: str, layer_of=None) -> dict[str, torch.Tensor]:
     """z' = Σ_k α_k z_k, mixed in the space of the multiplier that scales σ.
 
     scale: the multiplier is z itself, so this is the paper's formula as written.
@@ -416,7 +416,7 @@ def mix(experts: list[dict[str, torch.Tensor]], alpha: torch.Tensor, param: str,
     mixed = {}
     for name in experts[0]:
         a = alpha if alpha.ndim == 1 else alpha[:, layer_of(name)]
-        if param == "scale":
+        if parametrization == "scale":
             mixed[name] = sum(a[k] * experts[k][name] for k in range(len(experts)))
         else:
             mask = sum(a[k] * torch.sigmoid(experts[k][name]) for k in range(len(experts))) / a.sum().clamp(min=1e-8)

@@ -296,7 +296,7 @@ def main(argv=None):
     if config["method"] == "lora":
         adapter = LoRA(model, seed=config["seed"])
     else:
-        adapter = svf_lib.SVF(model, targets=config["targets"], param=config["param"], seed=config["seed"])
+        adapter = svf_lib.SVF(model, targets=config["targets"], parametrization=config["param"], seed=config["seed"])
         adapter.configure_forward(svf_lib.TRAINING_FORWARD, use_compile=config["compile"])
     optimizer, scheduler = reinforce.make_optimizer(adapter.parameters(), config["lr"], steps)
     autocast = torch.bfloat16 if config["autocast"] == "bf16" else None

@@ -212,7 +212,7 @@ def svf_step(name, config, batch=8, seq=256, repeats=5, device="cuda", dtype=tor
         return factors
 
     svf_lib.decompose = random_factors
-    adapter = svf_lib.SVF(model, targets="mlp", param="mask", progress=False)
+    adapter = svf_lib.SVF(model, targets="mlp", parametrization="mask", progress=False)
     tokens = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
 
     def step():

@@ -212,7 +212,7 @@ def rl_path(load, generate_fn, task, examples, rl, autocast, folder, fallback):
     """(generation s, update s, useful tokens, weights dtype, note) of one RL step: rollouts with z merged, then
     the update. fallback (the old path): if train_step cannot use this model, time it on model.py's instead."""
     model, tokenizer = load()
-    svf = svf_lib.SVF(model, targets="mlp", param="mask", seed=SEED, progress=False)
+    svf = svf_lib.SVF(model, targets="mlp", parametrization="mask", seed=SEED, progress=False)
     prompts = tasks.prompt_tokens(tokenizer, task, examples)
     with svf.merged():
         generate_fn(model, tokenizer, prompts[:2], 4)  # warm-up
@@ -230,7 +230,7 @@ def rl_path(load, generate_fn, task, examples, rl, autocast, folder, fallback):
             raise
         note = f"train_step cannot use this model ({error}); its update was timed on model.py's model, fp32"
         model, _ = m.load(folder, dtype=torch.float32, device="cpu")
-        update_s = timed_update(model, svf_lib.SVF(model, targets="mlp", param="mask", seed=SEED, progress=False),
+        update_s = timed_update(model, svf_lib.SVF(model, targets="mlp", parametrization="mask", seed=SEED, progress=False),
                                 rollouts, rl, autocast)
     return gen_s, update_s, sum(map(len, out.tokens)), dtype, note
 

@@ -217,7 +217,7 @@ def main():
                                           for U, S, Vh in factors.values()])
     del factors
 
-    adapter = svf.SVF(model, targets=args.targets, param=args.param, progress=False)  # reads/writes the SVD cache
+    adapter = svf.SVF(model, targets=args.targets, parametrization=args.param, progress=False)  # reads/writes the SVD cache
     merge_seconds, _ = timed(lambda: adapter.set_mode("merged"))
     adapter.set_mode("train")
 

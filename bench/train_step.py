@@ -41,7 +41,7 @@ def main():
         torch.set_num_threads(args.threads)
     model, tokenizer = m.load(args.model, device="cpu")
     dtype = model.embed.weight.dtype
-    svf = svf_lib.SVF(model, targets="mlp", param="mask", progress=False)
+    svf = svf_lib.SVF(model, targets="mlp", parametrization="mask", progress=False)
     task = tasks.get(args.task)
     examples = task.load("train")[: args.prompts]
     prompts = tasks.prompt_tokens(tokenizer, task, examples)

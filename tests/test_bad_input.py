@@ -108,7 +108,7 @@ def test_expert_with_non_finite_z_is_refused(tmp_path, bad):
 def test_evaluate_refuses_an_expert_full_of_nan(tiny_llama, tmp_path, monkeypatch):
     """The whole path a user takes: evaluate.py --expert with a NaN file stops instead of scoring end-of-text replies."""
     path = tmp_path / "expert.safetensors"
-    svf.SVF(m.load(tiny_llama, device="cpu")[0], targets="mlp", param="mask", cache=False,
+    svf.SVF(m.load(tiny_llama, device="cpu")[0], targets="mlp", parametrization="mask", cache=False,
             progress=False).save_expert(path, task="gsm8k")
     with safe_open(str(path), framework="pt") as f:
         meta, z = f.metadata(), {k: torch.full_like(f.get_tensor(k), float("nan")) for k in f.keys()}

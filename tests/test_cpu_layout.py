@@ -55,7 +55,7 @@ def test_loaded_merged_and_lora_weights_are_row_major(tiny_llama, tmp_path):
         if p.ndim == 2:
             assert_row_major(name, p)
 
-    adapter = svf.SVF(model, targets="all", param="scale", progress=False)
+    adapter = svf.SVF(model, targets="all", parametrization="scale", progress=False)
     with torch.no_grad():
         for z in adapter.parameters():
             z.add_(0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0)))

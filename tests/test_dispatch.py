@@ -46,7 +46,7 @@ class Words:
 def two_pass(sharp_tiny_llama, tmp_path):
     """Three random experts (saved as files, loaded through load_experts) on the sharp tiny model."""
     model, tokenizer = m.load(sharp_tiny_llama, device="cpu")
-    svf = svf_lib.SVF(model, targets="mlp", param="scale", cache=False, progress=False)
+    svf = svf_lib.SVF(model, targets="mlp", parametrization="scale", cache=False, progress=False)
     g = torch.Generator().manual_seed(0)
     for task_name in ("gsm8k", "mbpp", "arc_easy"):
         with torch.no_grad():
@@ -261,6 +261,6 @@ def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypa
         assert report["decided_by"].startswith("log-likelihood of the shots' reference replies")
         assert report["shot_score"][1] > report["base_shot_score"][1]
         weights = svf_lib.mix([two_pass.experts[n] for n in two_pass.skills], torch.tensor(report["alpha_full"]),
-                              two_pass.svf.param)
+                              two_pass.svf.parametrization)
     scored = [e for e in task.load("test") if e["id"] in {r["id"] for r in report["records"]}]
     assert [r["reply"] for r in report["records"]] == replies_with(two_pass, task, scored, weights)

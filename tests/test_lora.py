@@ -79,7 +79,7 @@ def test_bad_files_are_refused_with_what_to_do(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         lora.apply(model, tmp_path / "cut.safetensors")
 
-    expert = svf.SVF(model, targets="mlp", param="mask")
+    expert = svf.SVF(model, targets="mlp", parametrization="mask")
     expert.save_expert(tmp_path / "svf.safetensors", task="gsm8k")
     with pytest.raises(ValueError, match="give it as --expert"):
         lora.apply(model, tmp_path / "svf.safetensors")

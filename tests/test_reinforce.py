@@ -14,9 +14,9 @@ import reinforce
 import svf as svf_lib
 
 
-def fresh(tiny_llama, param="scale", targets="all"):
+def fresh(tiny_llama, parametrization="scale", targets="all"):
     model, tokenizer = m.load(tiny_llama, device="cpu")
-    return model, tokenizer, svf_lib.SVF(model, targets=targets, param=param, cache=False, progress=False, init_std=0.0)
+    return model, tokenizer, svf_lib.SVF(model, targets=targets, parametrization=parametrization, cache=False, progress=False, init_std=0.0)
 
 
 def sequence_logprob(model, prompt, completion):
@@ -146,7 +146,7 @@ class EvenFirstToken:
 def test_it_learns_a_synthetic_task(sharp_tiny_llama):
     """A few dozen steps of sampled rollouts raise the mean reward: it learns, it does not just run."""
     model, tokenizer = m.load(sharp_tiny_llama, device="cpu")
-    svf = svf_lib.SVF(model, targets="all", param="scale", cache=False, progress=False)
+    svf = svf_lib.SVF(model, targets="all", parametrization="scale", cache=False, progress=False)
     task = EvenFirstToken(tokenizer)
     examples = task.load("train")
     optimizer, scheduler = reinforce.make_optimizer(svf.parameters(), lr=0.2, total_steps=1000)
@@ -262,7 +262,7 @@ def test_data_parallel_run_equals_one_process(sharp_tiny_llama, tmp_path):
 
     # The last z (checkpoint) and the kept one (expert file) agree, and training did move z.
     model, _ = m.load(sharp_tiny_llama, device="cpu")
-    initial = svf_lib.SVF(model, targets="attn", param="mask", seed=0, cache=False, progress=False).state()
+    initial = svf_lib.SVF(model, targets="attn", parametrization="mask", seed=0, cache=False, progress=False).state()
     last_one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")["z"]
     last_two = checkpoint.load(tmp_path / "two" / "checkpoint.pt")["z"]
     kept_one, _ = svf_lib.read_expert(tmp_path / "one" / "expert.safetensors")
@@ -394,7 +394,7 @@ def test_group_baseline_learns_where_the_greedy_batch_mean_does_not():
 
 def test_rollout_gives_each_prompt_k_consecutive_sampled_replies(sharp_tiny_llama):
     model, tokenizer = m.load(sharp_tiny_llama, device="cpu")
-    svf = svf_lib.SVF(model, targets="attn", param="scale", cache=False, progress=False)
+    svf = svf_lib.SVF(model, targets="attn", parametrization="scale", cache=False, progress=False)
     task = EvenFirstToken(tokenizer)
     examples = task.load("train")[:3]
     rollouts = reinforce.rollout(model, tokenizer, svf, task, examples, max_new_tokens=3, batch_size=4,

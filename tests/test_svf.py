@@ -134,12 +134,12 @@ def test_identity_at_initialisation(family, tiny_llama, tiny_qwen2):
         base = model(TOKENS)
         for targets in svf.TARGETS:
             for param, init_std in [("scale", None), ("mask", 0.0)]:
-                adapter = svf.SVF(model, targets=targets, param=param, init_std=init_std, progress=False)
+                adapter = svf.SVF(model, targets=targets, parametrization=param, init_std=init_std, progress=False)
                 assert (model(TOKENS) - base).abs().max().item() <= 1e-4, (targets, param)
                 adapter.remove()
             # The paper's mask init, z ~ N(0.1, var 1e-3), is only near the base model: the noise in z
             # reweights the singular values by ~1%.
-            adapter = svf.SVF(model, targets=targets, param="mask", progress=False)
+            adapter = svf.SVF(model, targets=targets, parametrization="mask", progress=False)
             difference = (model(TOKENS) - base).abs().max().item()
             assert 1e-4 < difference < 0.1, (targets, difference)
             adapter.remove()
@@ -162,7 +162,7 @@ def test_factored_and_materialized_forwards_agree_with_merged(tiny_llama):
     model = load(tiny_llama)
     with torch.no_grad():
         base = model(TOKENS)
-    adapter = svf.SVF(model, targets="all", param="mask", progress=False)
+    adapter = svf.SVF(model, targets="all", parametrization="mask", progress=False)
     random_z(adapter)
     adapter.configure_forward("factored")
     factored, factored_grads = forward_and_grads(model, adapter)
@@ -182,7 +182,7 @@ def test_compiled_forwards_agree_with_eager(tmp_path):
     square matrices keeps this test to one pattern per forward."""
     tiny_hf_model("llama", tmp_path / "square", intermediate_size=64)
     model = load(tmp_path / "square")
-    adapter = svf.SVF(model, targets="mlp", param="mask", layers=[1], progress=False)
+    adapter = svf.SVF(model, targets="mlp", parametrization="mask", layers=[1], progress=False)
     random_z(adapter)
     for kind in ("factored", "materialized"):
         adapter.configure_forward(kind, use_compile=False)
@@ -202,7 +202,7 @@ def test_merge_disable_and_remove_leave_the_base_weights_untouched(tiny_llama):
     with torch.no_grad():
         base = model(TOKENS)
 
-    adapter = svf.SVF(model, targets="all", param="scale", progress=False)
+    adapter = svf.SVF(model, targets="all", parametrization="scale", progress=False)
     random_z(adapter)
     with torch.no_grad():
         trained = model(TOKENS)
@@ -237,7 +237,7 @@ def test_merge_disable_and_remove_leave_the_base_weights_untouched(tiny_llama):
 def test_gradients_reach_z_only_and_a_step_raises_the_target(param, tiny_llama):
     model = load(tiny_llama)
     model.requires_grad_(True)  # SVF must freeze the base itself, whatever the caller left trainable
-    adapter = svf.SVF(model, targets="all", param=param, progress=False)
+    adapter = svf.SVF(model, targets="all", parametrization=param, progress=False)
     z_ids = {id(z) for z in adapter.parameters()}
     target = 7
 
@@ -353,8 +353,8 @@ def test_damaged_svd_cache_is_recomputed_and_rewritten(damage, tiny_llama, tiny_
 # Experts on disk
 
 
-def trained_expert(folder, path, targets="all", param="mask", layers=None, seed=0):
-    adapter = svf.SVF(load(folder), targets=targets, param=param, layers=layers, progress=False)
+def trained_expert(folder, path, targets="all", parametrization="mask", layers=None, seed=0):
+    adapter = svf.SVF(load(folder), targets=targets, parametrization=parametrization, layers=layers, progress=False)
     random_z(adapter, seed)
     adapter.save_expert(path, task="gsm8k")
     return adapter
@@ -367,7 +367,7 @@ def test_expert_round_trip(tiny_llama, tmp_path, capsys):
     with torch.no_grad():
         expected = trained.model(TOKENS)
     capsys.readouterr()
-    adapter = svf.SVF(load(tiny_llama), targets="all", param="mask", progress=False)
+    adapter = svf.SVF(load(tiny_llama), targets="all", parametrization="mask", progress=False)
     meta = adapter.load_expert(path)
     assert meta["task"] == "gsm8k" and meta["param"] == "mask" and meta["targets"] == "all"
     assert "cross-model" not in capsys.readouterr().err  # the same model: no transfer note
@@ -384,7 +384,7 @@ def test_expert_on_other_shapes_is_refused(overrides, tiny_llama, tmp_path):
     path = tmp_path / "expert.safetensors"
     trained_expert(tiny_llama, path)
     tiny_hf_model("llama", tmp_path / "other", **overrides)
-    adapter = svf.SVF(load(tmp_path / "other"), targets="all", param="mask", progress=False)
+    adapter = svf.SVF(load(tmp_path / "other"), targets="all", parametrization="mask", progress=False)
     before = adapter.state()
     with pytest.raises(ValueError, match="does not fit this model|other matrices"):
         adapter.load_expert(path)
@@ -393,9 +393,9 @@ def test_expert_on_other_shapes_is_refused(overrides, tiny_llama, tmp_path):
 
 def test_expert_of_other_param_or_targets_is_refused(tiny_llama, tmp_path):
     path = tmp_path / "expert.safetensors"
-    trained_expert(tiny_llama, path, targets="mlp", param="mask")
+    trained_expert(tiny_llama, path, targets="mlp", parametrization="mask")
     for targets, param in [("mlp", "scale"), ("all", "mask")]:
-        adapter = svf.SVF(load(tiny_llama), targets=targets, param=param, progress=False)
+        adapter = svf.SVF(load(tiny_llama), targets=targets, parametrization=param, progress=False)
         with pytest.raises(ValueError, match="is a mask expert on mlp"):
             adapter.load_expert(path)
 
@@ -418,16 +418,16 @@ def test_bad_expert_files_give_clear_errors(tiny_llama, tmp_path):
 def test_cross_model_transfer_and_shuffled_control(tiny_llama, tiny_llama_other_seed, tmp_path, capsys):
     """Same shapes, other weights: the expert loads by shape and says so. shuffle_seed permutes each z."""
     path = tmp_path / "expert.safetensors"
-    trained = trained_expert(tiny_llama, path, targets="mlp", param="scale").state()
+    trained = trained_expert(tiny_llama, path, targets="mlp", parametrization="scale").state()
     capsys.readouterr()
-    adapter = svf.SVF(load(tiny_llama_other_seed), targets="mlp", param="scale", progress=False)
+    adapter = svf.SVF(load(tiny_llama_other_seed), targets="mlp", parametrization="scale", progress=False)
     adapter.load_expert(path)
     assert "cross-model" in capsys.readouterr().err
     assert all(torch.equal(adapter.state()[n], z) for n, z in trained.items())
 
     # The same model in bf16 (as on a GPU) has the same singular values to ~0.1%: no note.
     bf16, _ = m.load(tiny_llama, dtype=torch.bfloat16, device="cpu")
-    svf.SVF(bf16, targets="mlp", param="scale", progress=False).load_expert(path)
+    svf.SVF(bf16, targets="mlp", parametrization="scale", progress=False).load_expert(path)
     assert "cross-model" not in capsys.readouterr().err
 
     adapter.load_expert(path, shuffle_seed=3)
@@ -443,13 +443,13 @@ def test_cross_model_transfer_and_shuffled_control(tiny_llama, tiny_llama_other_
 
 def test_apply_expert_and_evaluate_uses_it(tiny_llama, tmp_path, monkeypatch):
     path = tmp_path / "expert.safetensors"
-    trained = trained_expert(tiny_llama, path, targets="attn", param="mask", layers=[1])
+    trained = trained_expert(tiny_llama, path, targets="attn", parametrization="mask", layers=[1])
     with torch.no_grad():
         expected = trained.model(TOKENS)
 
     model = load(tiny_llama)
     adapter = svf.apply_expert(model, path)
-    assert (adapter.targets, adapter.param, adapter.names) == ("attn", "mask", svf.target_names(model, "attn", [1]))
+    assert (adapter.targets, adapter.parametrization, adapter.names) == ("attn", "mask", svf.target_names(model, "attn", [1]))
     assert all(layer.mode == "merged" for layer in adapter.modules.values())
     with torch.no_grad():
         assert (model(TOKENS) - expected).abs().max().item() <= 1e-5
@@ -469,7 +469,7 @@ def test_evaluate_scores_a_classifier_with_the_rule_it_was_trained_with(tiny_lla
     """evaluate.py --task cls --expert F reads replies with F's label rule (train.py --label-rule);
     --label-rule overrides it; files that do not say are read leniently."""
     path = tmp_path / "classifier.safetensors"
-    adapter = svf.SVF(load(tiny_llama), targets="attn", param="mask", progress=False)
+    adapter = svf.SVF(load(tiny_llama), targets="attn", parametrization="mask", progress=False)
     adapter.save_expert(path, task="cls", **({"label_rule": trained_rule} if trained_rule else {}))
     argv = ["--task", "cls", "--limit", "1", "--model", str(tiny_llama), "--expert", str(path), "--threads", "1"]
     _, _, task = evaluate_main_inputs(monkeypatch, [*argv, *(["--label-rule", flag] if flag else [])])
@@ -524,7 +524,7 @@ def test_layers_subset_and_bad_arguments(tiny_llama):
     with torch.no_grad():
         base = model(TOKENS)
     for kwargs, message in [(dict(layers=[2]), "out of range"), (dict(layers=[-1]), "out of range"),
-                            (dict(targets="mlps"), "unknown targets"), (dict(param="lora"), "unknown parametrization")]:
+                            (dict(targets="mlps"), "unknown targets"), (dict(parametrization="lora"), "unknown parametrization")]:
         with pytest.raises(ValueError, match=message):
             svf.SVF(model, **kwargs, progress=False)
     assert not any(isinstance(module, svf.SVFLinear) for module in model.modules())  # refused before any change
