@@ -15,6 +15,7 @@ time and their ratio (Table 3).
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,6 +57,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=common.positive_int, default=DEFAULTS["batch_size"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="--mode expert or fewshot: also write the model with the weights pass 2 used merged in, as a "
+                        "Hugging Face folder (export.py; in the dtype the run used: --dtype fp32 for an exact merge)")
     p.add_argument("--device", default=None)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on a GPU)")
@@ -64,6 +68,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
         p.error("--mode expert needs --expert-name (an expert's category: code, math, reasoning, ...)")
+    if args.export and (args.mode not in ("expert", "fewshot") or args.lora):
+        p.error("--export writes one set of merged weights: give --mode expert or fewshot, without --lora "
+                "(prompt and cls choose weights per prompt)")
 
     task = tasks.get(args.task)
     split = args.split or DEFAULT_SPLIT.get(args.task, "test")
@@ -136,6 +143,17 @@ def main(argv=None):
                                 correct=ok) for e, p1, c, r, ok in zip(scored, pass1_replies, choices, replies, correct)])
     with common.atomic_path(out) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
+    if args.export:
+        import export
+
+        with two_pass.use(choices[0]):  # the weights every scored prompt was answered with
+            merged = (f"the expert {choices[0]}" if isinstance(choices[0], str) else
+                      "no expert (few-shot kept the base weights)" if choices[0] is None else
+                      "the few-shot mixture " + ", ".join(f"{k} α={v:.3f}" for k, v in report["alpha"].items()))
+            card = export.model_card(str(args.model), f"{merged}, chosen by `{' '.join(sys.argv)}`",
+                                     {n: e[1] for n, e in experts.items() if n in two_pass.skills})
+            adapter = None if choices[0] is None else two_pass.svf
+            print(f"exported to {export.export(model, adapter, common.resolve(args.model), Path(args.export), card)}")
 
     print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
     print("|---|---|---:|---:|---|---:|---:|---:|")

@@ -248,7 +248,8 @@ def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypa
     monkeypatch.setattr(tasks, "get", lambda name, **kw: task)
     out = tmp_path / "report.json"
     adapt.main(["--mode", "fewshot", "--task", "arc_challenge", "--shots", "3", "--limit", "4", "--model",
-                str(sharp_tiny_llama), "--experts", str(tmp_path / "experts"), "--threads", "1", "--out", str(out)])
+                str(sharp_tiny_llama), "--experts", str(tmp_path / "experts"), "--threads", "1", "--out", str(out),
+                "--export", str(tmp_path / "exported")])
     report = json.loads(out.read_text())
     assert report["scored"] == 4 and report["shots"] == 3 and report["cem_evaluations"] == 48
     assert report["shot_score"][0] == 0 and report["base_shot_score"][0] == 0
@@ -264,3 +265,7 @@ def test_adapt_fewshot_end_to_end(two_pass, sharp_tiny_llama, tmp_path, monkeypa
                               two_pass.svf.parametrization)
     scored = [e for e in task.load("test") if e["id"] in {r["id"] for r in report["records"]}]
     assert [r["reply"] for r in report["records"]] == replies_with(two_pass, task, scored, weights)
+    # --export wrote the weights pass 2 used: the exported folder, loaded as a plain model, answers the same
+    exported, tokenizer = m.load(tmp_path / "exported", device="cpu")
+    prompts = tasks.prompt_tokens(tokenizer, task, scored)
+    assert gen.generate(exported, tokenizer, prompts, task.max_new_tokens).texts == [r["reply"] for r in report["records"]]
