@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
@@ -61,13 +62,17 @@ def merged_weights(model: m.Transformer, adapter: svf_lib.SVF | None, dtype: tor
     return tensors
 
 
-def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out: Path, card: str) -> Path:
+def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out: Path, card: str,
+           gguf_path: Path | None = None, gguf_dtype: str = "f16") -> Path:
     """Write the merged model to out (replaced if it exists), built in a hidden sibling folder and renamed
-    into place, so an interrupted export never leaves a folder that looks complete."""
+    into place, so an interrupted export never leaves a folder that looks complete; and to a GGUF file
+    at gguf_path if given."""
     from safetensors.torch import save_file
 
     out = Path(out)
     tensors = merged_weights(model, adapter, source_dtype(source))
+    if gguf_path is not None:
+        write_gguf(tensors, model.args, source, gguf_path, gguf_dtype, name=f"{source.name} (SVF merged)")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -87,6 +92,124 @@ def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
+
+
+# ---- GGUF for llama.cpp / Ollama: the same merged tensors, f16 (or bf16 / f32), under llama.cpp's names
+
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2"}  # our family -> llama.cpp's architecture
+GGUF_TYPES = {"f16": (np.float16, "F16"), "bf16": (None, "BF16"), "f32": (np.float32, "F32")}
+
+
+def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's row order for a Llama q or k projection (convert_hf_to_gguf.py's permute): each head's
+    two rotary halves interleaved, as its rotary kernel pairs neighbouring dimensions. The inverse of
+    convert_gguf.unpermute_qk."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(tensors: dict[str, torch.Tensor], args: m.ModelArgs) -> dict[str, np.ndarray]:
+    """Hugging Face names and layout -> llama.cpp's (fp32 numpy): blk.N.attn_q.weight and the like, q and
+    k rows permuted for the llama architecture (Qwen2's rotary kernel takes them as they are)."""
+    import convert_gguf
+
+    to_gguf = {hf: gguf for gguf, hf in convert_gguf.GGUF_TO_HF_NAMES.items()}
+    layer_names = {hf: gguf for gguf, hf in convert_gguf.GGUF_TO_HF_LAYER_NAMES.items()}
+    for proj, short in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
+        layer_names[f"self_attn.{proj}.bias"] = f"{short}.bias"
+    out = {}
+    for name, tensor in tensors.items():
+        values = tensor.float().numpy()
+        if not name.startswith("model.layers."):
+            out[to_gguf[name]] = values
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        if args.family == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            values = permute_qk(values, args.n_heads if rest.startswith("self_attn.q") else args.n_kv_heads)
+        out[f"blk.{layer}.{layer_names[rest]}"] = values
+    return out
+
+
+def pre_tokenizer(tokenizer: dict, family: str) -> str:
+    """llama.cpp's name for how text is split before BPE: SmolLM2's digits-then-byte-level split is
+    "smollm"; Qwen2's is "qwen2"; anything else gets llama.cpp's "default" (GPT-2's regex)."""
+    steps = (tokenizer.get("pre_tokenizer") or {}).get("pretokenizers") or []
+    if [step.get("type") for step in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    return "qwen2" if family == "qwen2" else "default"
+
+
+def write_gguf(tensors: dict[str, torch.Tensor], args: m.ModelArgs, source: Path, path: Path, dtype: str = "f16",
+               name: str = "") -> Path:
+    """A GGUF file of the merged model: llama.cpp's metadata for the architecture, the byte-level BPE
+    tokenizer of the source's tokenizer.json, and the tensors in dtype (norms stay f32, as llama.cpp keeps them)."""
+    import gguf
+
+    if args.family not in GGUF_ARCH or args.rope_scaling is not None or args.o_bias or \
+            (args.family == "llama" and args.qkv_bias) or (args.sliding_window or 0) and args.sliding_window < args.max_seq_len:
+        raise ValueError(f"GGUF export writes plain Llama and Qwen2 models; this {args.family} model has a sliding "
+                         f"window, rope scaling or attention biases llama.cpp would read differently: export the "
+                         f"Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
+    tokenizer = json.loads((source / "tokenizer.json").read_text())
+    if tokenizer["model"]["type"] != "BPE":
+        raise ValueError(f"{source / 'tokenizer.json'}: a {tokenizer['model']['type']} tokenizer; GGUF export writes "
+                         f"byte-level BPE tokenizers only (use llama.cpp's convert_hf_to_gguf.py)")
+    vocab = tokenizer["model"]["vocab"]
+    special = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
+    tokens = [None] * max(args.vocab_size, max(vocab.values()) + 1)
+    for token, index in {**vocab, **special}.items():
+        tokens[index] = token
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    for i, token in enumerate(tokens):  # ids the vocabulary leaves free (a padded embedding)
+        if token is None:
+            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    config = common.read_json_object(source / "tokenizer_config.json", "") if (source / "tokenizer_config.json").exists() else {}
+
+    arch = GGUF_ARCH[args.family]
+    path = Path(path)
+    numpy_dtype, type_name = GGUF_TYPES[dtype]
+    with common.atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(name or source.name)
+        writer.add_context_length(args.max_seq_len)
+        writer.add_embedding_length(args.dim)
+        writer.add_block_count(args.n_layers)
+        writer.add_feed_forward_length(args.hidden_dim)
+        writer.add_head_count(args.n_heads)
+        writer.add_head_count_kv(args.n_kv_heads)
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_rope_freq_base(args.rope_theta)
+        writer.add_layer_norm_rms_eps(args.norm_eps)
+        writer.add_vocab_size(len(tokens))
+        writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                              "f32": gguf.LlamaFileType.ALL_F32}[dtype])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer(tokenizer, args.family))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        if args.bos_id is not None:
+            writer.add_bos_token_id(args.bos_id)
+        writer.add_eos_token_id(args.eos_ids[0])
+        writer.add_add_bos_token(False)  # chat templates write BOS where the model wants it
+        if config.get("chat_template"):
+            writer.add_chat_template(config["chat_template"])
+        for gguf_name, values in gguf_tensors(tensors, args).items():
+            if values.ndim == 1 or dtype == "f32":
+                writer.add_tensor(gguf_name, values.astype(np.float32))
+            elif dtype == "bf16":
+                writer.add_tensor(gguf_name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16),
+                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                writer.add_tensor(gguf_name, values.astype(numpy_dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
 
 
 def model_card(base_model: str, merged: str, experts: dict[str, dict]) -> str:
@@ -117,6 +240,9 @@ def main(argv=None):
     p.add_argument("--alpha", type=parse_alpha, help="with --experts: weights per expert name, e.g. code=0.2,math=0.8")
     p.add_argument("--model", default=m.DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="also write a GGUF file for llama.cpp / Ollama")
+    p.add_argument("--gguf-dtype", choices=sorted(GGUF_TYPES), default="f16",
+                   help="the GGUF's weight type (quantising further is llama.cpp's llama-quantize)")
     p.add_argument("--threads", type=common.positive_int, default=None)
     args = p.parse_args(argv)
     if args.experts and not args.alpha:
@@ -138,9 +264,10 @@ def main(argv=None):
         two_pass.svf.load_state(two_pass.mixed(names, torch.tensor([args.alpha[n] for n in names])))
         adapter, experts = two_pass.svf, {n: found[n][1] for n in names}
         merged = "the mixture " + ", ".join(f"{n} α={args.alpha[n]:g}" for n in names)
-    out = export(model, adapter, source, Path(args.out), model_card(str(args.model), merged, experts))
-    print(f"wrote {out}: {merged} merged into {args.model}", file=sys.stderr)
-    print(json.dumps({"out": str(out), "merged": merged}))
+    out = export(model, adapter, source, Path(args.out), model_card(str(args.model), merged, experts),
+                 args.gguf and Path(args.gguf), args.gguf_dtype)
+    print(f"wrote {out}{' and ' + args.gguf if args.gguf else ''}: {merged} merged into {args.model}", file=sys.stderr)
+    print(json.dumps({"out": str(out), "gguf": args.gguf, "merged": merged}))
 
 
 if __name__ == "__main__":

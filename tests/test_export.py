@@ -114,3 +114,75 @@ def test_the_default_model_with_a_shipped_expert(tmp_path):
         theirs = hf(tokens).logits
     assert (ours - base).abs().max() > 1e-3
     assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+def bpe_tokenizer(folder, vocab_size):
+    """Replace the tiny model's word-level tokenizer with a byte-level BPE one over the same words (no
+    merges): the kind GGUF export writes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("llama", dict(tie_word_embeddings=True)),
+                                               ("qwen2", dict(tie_word_embeddings=True))])
+def test_gguf_holds_the_merged_tensors(family, overrides, tmp_path):
+    """Read back with the gguf package (llama.cpp's reader) and its q/k rows put back in Hugging Face
+    order (convert_gguf.unpermute_qk, itself checked against llama.cpp's permute), every tensor of the
+    GGUF equals the exported folder's."""
+    import gguf
+
+    import convert_gguf
+
+    source = tmp_path / "source"
+    tiny_hf_model(family, source, **overrides)
+    bpe_tokenizer(source, 96)
+    model, _ = m.load(source, dtype=torch.float32, device="cpu")
+    adapter = random_expert(model, tmp_path / "expert.safetensors")
+    out = export.export(model, adapter, source, tmp_path / "exported", "card", tmp_path / "model.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = {"llama": "llama", "qwen2": "qwen2"}[family]
+    assert fields["general.architecture"] == arch and fields[f"{arch}.block_count"] == 2
+    assert fields[f"{arch}.attention.head_count_kv"] == 2 and fields["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        exported = {k: f.get_tensor(k).numpy() for k in f.keys()}
+    read = {}
+    for tensor in reader.tensors:
+        values = tensor.data.reshape(tuple(reversed(tensor.shape.tolist())))
+        name = convert_gguf.hf_name(tensor.name) if not tensor.name.endswith(".bias") else \
+            convert_gguf.hf_name(tensor.name.replace(".bias", ".weight")).replace(".weight", ".bias")
+        if family == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            values = convert_gguf.unpermute_qk(values, 4 if "attn_q" in tensor.name else 2)
+        read[name] = values
+    assert set(read) == set(exported)
+    for name, values in exported.items():
+        assert (read[name] == values).all(), name
+
+
+def test_default_model_gguf_through_transformers(tmp_path):
+    """transformers' own GGUF loader (its config, q/k un-permute and tokenizer) on the exported GGUF of
+    the default model with the shipped math expert gives our merged logits and our tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import common
+
+    source = common.resolve(m.DEFAULT_MODEL)
+    model, tokenizer = m.load(source, dtype=torch.float32, device="cpu")
+    adapter = svf_lib.apply_expert(model, export.ROOT / "experts" / "math.safetensors", merge=False)
+    export.export(model, adapter, source, tmp_path / "exported", "card", tmp_path / "math.gguf", "f32")
+    text = "What is 12 times 7? Answer: 84."
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="math.gguf")
+    assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
+    tokens = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": text}])])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="math.gguf", torch_dtype=torch.float32).eval()
+    with adapter.merged():
+        ours = model(tokens)
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert (theirs - ours).abs().max().item() <= 1e-4
