@@ -27,6 +27,7 @@ import common
 import dispatch
 import model as m
 import svf as svf_lib
+import tasks
 
 ROOT = Path(__file__).resolve().parent
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -79,6 +80,9 @@ def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out:
     partial.mkdir()
     try:
         save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial / "model.safetensors", 0o666 & ~umask)  # safetensors writes it private (0600)
         for name in COPIED:
             if (source / name).exists():
                 shutil.copy2(source / name, partial / name)
@@ -219,7 +223,9 @@ def model_card(base_model: str, merged: str, experts: dict[str, dict]) -> str:
              "each adapted matrix is W' = U diag(σ') Vᵀ with its singular values rescaled by the expert's z.", "",
              "| expert | task | category | parametrization | targets | command |", "|---|---|---|---|---|---|"]
     for name, meta in experts.items():
-        lines.append(f"| {name} | {meta.get('task', '')} | {meta.get('category', '')} | {meta.get('param', '')} "
+        task = meta.get("task", "")
+        category = meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else "")
+        lines.append(f"| {name} | {task} | {category} | {meta.get('param', '')} "
                      f"| {meta.get('targets', '')} | `{meta.get('command', '')}` |")
     return "\n".join(lines) + "\n"
 
