@@ -36,7 +36,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=("none", "prompt", "cls", "fewshot", "expert"))
     p.add_argument("--task", default="arc_challenge", choices=sorted(set(tasks.TASKS) - {"cls"}))
-    p.add_argument("--experts", default=DEFAULTS["experts"], help="folder of expert files")
+    p.add_argument("--experts", default=DEFAULTS["experts"],
+                   help="folder of expert files, or a Hugging Face hub repository of them (org/name)")
     p.add_argument("--expert-name", default=None, help="for --mode expert: an expert's category (code, math, reasoning, ...)")
     p.add_argument("--lora", default=None,
                    help="LoRA file (train.py --method lora) on q and v under every mode; with --mode none, "

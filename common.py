@@ -69,6 +69,43 @@ def resolve(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
     return convert_gguf.convert(convert_gguf.find_packaged_gguf(), converted)
 
 
+def resolve_experts(name_or_path: str | os.PathLike) -> Path:
+    """A local expert file or folder, or one from the Hugging Face hub: "org/name" (a repository of
+    experts, as share.py uploads) or "org/name/file.safetensors" (one expert of it). The hub's cache is
+    used first; HF_HUB_OFFLINE=1 uses nothing else."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) < 2 or (len(parts) > 2 and not name.endswith(".safetensors")):
+        raise FileNotFoundError(f"{path} does not exist (and {name!r} is not a hub id: org/name or org/name/file.safetensors)")
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+    def fetch(**offline):
+        if filename:
+            return Path(hf_hub_download(repo_id, filename, **offline))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.md"], **offline))
+
+    try:
+        return fetch(local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        print(f"[experts] downloading {name} from the Hugging Face hub", file=sys.stderr)
+        return fetch()
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{name!r} is neither a local path nor a repository on the Hugging Face hub") from e
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(
+            f"cannot reach the Hugging Face hub for the experts {name!r}, and they are not in the local cache "
+            f"({e.__class__.__name__}). Download them where the hub is reachable (huggingface-cli download "
+            f"{repo_id}) and pass the folder, or set HF_HOME to a cache that has them.") from e
+
+
 def repair_advice(folder: Path) -> str:
     """What to do about a damaged file in a model folder, by where resolve() found the folder."""
     folder = Path(folder)

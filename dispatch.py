@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
 
 import cem
 import classify
+import common
 import generate as gen
 import reinforce
 import svf as svf_lib
@@ -46,7 +46,7 @@ def load_experts(folder) -> dict[str, tuple[dict, dict]]:
     """{name: (z, metadata)} for the expert files in a folder, any number of them. The name is the
     category in the metadata (train.py writes its task's: math, code, reasoning, classifier, or a new
     task's own), else the category of the task it names, else the file name."""
-    folder = Path(folder)
+    folder = common.resolve_experts(folder)  # a folder, or a hub repository of experts
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no expert files (*.safetensors) in {folder}; train them with "
@@ -58,7 +58,7 @@ def load_experts(folder) -> dict[str, tuple[dict, dict]]:
         name = meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else path.stem)
         if name in experts:
             raise ValueError(f"two experts for {name!r} in {folder}: keep one")
-        experts[name] = (z, meta)
+        experts[name] = (z, {**meta, "file": path.name})
     kinds = {(meta["param"], meta["targets"], meta.get("layers", "null")) for _, meta in experts.values()}
     if len(kinds) > 1:
         raise ValueError(f"the experts in {folder} were trained with different settings {sorted(kinds)}; mix only like with like")

@@ -108,7 +108,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
     parser.add_argument("--model", default=DEFAULTS["model"], help="local Hugging Face folder or hub id")
-    parser.add_argument("--expert", default=None, help="SVF expert file (.safetensors) to apply to the model")
+    parser.add_argument("--expert", default=None, help="SVF expert file (.safetensors) to apply to the model, or "
+                        "one on the Hugging Face hub: org/name/file.safetensors (org/name if it holds one expert)")
     parser.add_argument("--shuffle-seed", type=int, default=None,
                         help="permute each z of --expert with this seed: the ordered-σ control (paper Table 5)")
     parser.add_argument("--lora", default=None, help="LoRA file (train.py --method lora) to apply instead of an expert")
@@ -129,6 +130,15 @@ def main():
     args = parser.parse_args()
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")
+    if args.expert:  # a file, or one on the Hugging Face hub
+        expert = common.resolve_experts(args.expert)
+        if expert.is_dir():
+            files = sorted(p.name for p in expert.glob("*.safetensors"))
+            if len(files) != 1:
+                parser.error(f"--expert {args.expert} holds {len(files)} experts ({', '.join(files)}): name one, "
+                             f"e.g. {args.expert}/{files[0] if files else 'math.safetensors'}")
+            expert = expert / files[0]
+        args.expert = str(expert)
 
     if args.label_rule and args.task != "cls":
         parser.error("--label-rule is for --task cls")
