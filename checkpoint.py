@@ -70,7 +70,7 @@ CHECKPOINT_KEYS = ("z", "optimizer", "scheduler", "torch_rng", "history", "step"
 # Settings added after runs were checkpointed without them; such a run used these values.
 SETTINGS_BEFORE_THEY_EXISTED = dict(samples=1, scale_by_std=False, shuffle_options=False)
 RESUME_MAY_DIFFER = {"device", "threads", "compile", "dtype", "weights_dtype", "micro_batch", "gen_batch", "processes",
-                     "out", "command", "resume", "overwrite"}
+                     "out", "command", "resume", "overwrite", "tensorboard"}
 
 
 def resume_state(path: Path, config: dict) -> dict:

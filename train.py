@@ -156,6 +156,8 @@ def parse_args(argv=None):
     p.add_argument("--label-rule", choices=("strict", "lenient"),
                    help="--task cls only: how a reply names its category, for the reward: strict, boxed only (the "
                         "paper's rule); lenient (default), else the first category word")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log every metric to <out>/tensorboard (needs the tensorboard package; metrics.jsonl stays the record)")
     p.add_argument("--preset", choices=("auto", "paper", "cpu"), default="auto",
                    help="auto: the CPU preset when there is no GPU, else the paper's settings")
     args = p.parse_args(argv)
@@ -283,6 +285,13 @@ def main(argv=None):
     print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU in train.py)" if config["preset"] == "cpu" else ""))
     print("config: " + json.dumps({**config, "threads": threads}))
 
+    board = None
+    if config["tensorboard"] and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        board = SummaryWriter(str(out / "tensorboard"))
     task = make_task(config)
     train_set, valid_set = task.load("train"), task.load(VALID_SPLIT)[: config["eval_limit"]]
     test_set = task.load("test")[: config["test_limit"]]
@@ -324,6 +333,11 @@ def main(argv=None):
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, record["step"])
+            board.flush()
 
     def save_state(step):
         nonlocal saved_step

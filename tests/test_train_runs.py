@@ -337,3 +337,34 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
         monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
         assert train.common.cpu_has_native_bf16() is expected
         monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_tensorboard_gets_every_logged_metric(run, tmp_path, monkeypatch):
+    """--tensorboard writes each numeric metric of metrics.jsonl at its step (a stand-in SummaryWriter
+    records the calls: the tensorboard package is not a dependency), and says how to install it when
+    it is missing."""
+    import sys
+    import types
+
+    scalars = []
+
+    class SummaryWriter:
+        def __init__(self, folder):
+            scalars.append(("folder", folder))
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    out = tmp_path / "run"
+    run(out, "--steps", "2", "--tensorboard")
+    assert scalars[0] == ("folder", str(out / "tensorboard"))
+    expected = [(k, v, r["step"]) for r in records(out) for k, v in r.items()
+                if k != "step" and isinstance(v, (int, float))]
+    assert scalars[1:] == expected and any(k == "reward" for k, _, _ in expected)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        run(tmp_path / "other", "--steps", "1", "--tensorboard")
