@@ -32,10 +32,11 @@ def read(paths):
 
 def routing(reports, out):
     modes = sorted({r["mode"] for r in reports}, key=["prompt", "cls"].index)
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 3.2), squeeze=False)
+    # the same columns in every panel: each expert chosen anywhere, then the base weights
+    columns = sorted({rec["choice"] for r in reports for rec in r["records"] if rec["choice"]}) + [BASE]
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in reports if r["mode"] == mode]
-        columns = sorted({rec["choice"] for r in rows for rec in r["records"] if rec["choice"]}) + [BASE]
         shares = [[sum((rec["choice"] or BASE) == c for rec in r["records"]) / len(r["records"]) for c in columns]
                   for r in rows]
         ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
@@ -46,7 +47,7 @@ def routing(reports, out):
         ax.set_xticks(range(len(columns)), columns)
         ax.set_yticks(range(len(rows)), [f"{r['task']} ({tasks.TASKS[r['task']].category}, n={r['n']})" for r in rows])
         rule = rows[0].get("label_rule", "?")
-        ax.set_title(f"pass 1 {mode} ({rule} rule): share of prompts sent to each expert", fontsize=10)
+        ax.set_title(f"pass 1, mode {mode} ({rule} rule): share of the prompts", fontsize=10)
         ax.set_xlabel("chosen")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -46,8 +46,8 @@ def trained(config: dict) -> str:
 
 
 def recipe(config: dict) -> str:
-    """The RL settings that differ between runs: baseline, K, std scaling, shuffled options, lr, KL λ,
-    reply budget. Configs written before an option existed lack its key and had its default."""
+    """The RL settings that differ between runs: baseline, K, std scaling, shuffled options, prompts per
+    step, lr, KL λ, reply budget. Configs written before an option existed lack its key and had its default."""
     text = config.get("baseline", "mean")
     if config.get("samples", 1) > 1:
         text += f" K={config['samples']} T={config['temperature']:g}"
@@ -55,7 +55,7 @@ def recipe(config: dict) -> str:
         text += ", /std"
     if config.get("shuffle_options"):
         text += ", shuffled"
-    return text + f", lr {config['lr']:g}, KL {config['kl']:g}, {config['max_new_tokens']} tokens"
+    return text + f", {config['batch_size']} prompts, lr {config['lr']:g}, KL {config['kl']:g}, {config['max_new_tokens']} tokens"
 
 
 def letter_chance(task_name: str, records: dict, ids: list) -> float:
