@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -362,6 +363,41 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a hidden sibling folder to fill; when the block ends without an error it takes the place of
+    `path` (an old folder there is moved aside, then deleted), so an interrupted write never leaves a
+    folder that looks complete but is not. os.replace cannot rename over a non-empty folder, hence the
+    move aside."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run that had this process id
+    partial.mkdir()
+    try:
+        yield partial
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def adapter_mode(adapter, mode: str):
+    """Every layer of an adapter (svf.SVF or lora.LoRA: both have .modules and set_mode) in the given
+    mode for the duration of a block, then back to the mode it had."""
+    previous = next(iter(adapter.modules.values())).mode
+    adapter.set_mode(mode)
+    try:
+        yield adapter
+    finally:
+        adapter.set_mode(previous)
 
 
 def positive_float(text: str) -> float:

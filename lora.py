@@ -5,7 +5,6 @@
     adapt.py --lora apply a trained file.
 """
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -68,15 +67,9 @@ class LoRA:
         for lora in self.modules.values():
             lora.mode = mode
 
-    @contextlib.contextmanager
     def mode(self, mode: str):
         """Every LoRA layer in the given mode for the duration, then back to the mode it had."""
-        previous = next(iter(self.modules.values())).mode
-        self.set_mode(mode)
-        try:
-            yield self
-        finally:
-            self.set_mode(previous)
+        return common.adapter_mode(self, mode)
 
     def merged(self):
         """What svf.SVF.merged is for the training loop: the adapted model for generation. The low-rank

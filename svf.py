@@ -22,7 +22,6 @@ What this file is not: the RL trainer (reinforce.py) or the adaptation strategie
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -282,15 +281,9 @@ class SVF:
                 layer.unmerge()
             layer.mode = mode
 
-    @contextlib.contextmanager
     def mode(self, mode: str):
         """Every target layer in the given mode for the duration, then back to the mode it had."""
-        previous = next(iter(self.modules.values())).mode
-        self.set_mode(mode)
-        try:
-            yield self
-        finally:
-            self.set_mode(previous)
+        return common.adapter_mode(self, mode)
 
     def merged(self):
         """Dense W' in every target layer: generation at the base model's speed."""
