@@ -46,6 +46,7 @@ import svf as svf_lib
 import tasks
 from lora import LoRA
 
+
 @dataclass
 class Settings:
     """What a run trains and how, where a preset decides it: PAPER and CPU below are values of it, and a
