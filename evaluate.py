@@ -95,7 +95,7 @@ def default_out(args) -> Path:
     """runs/eval-<task>-<split>[-<expert or LoRA file>].jsonl, never an existing file: a second run
     of the same evaluation gets -2, -3, ... rather than replacing the first one's records (an
     explicit --out is the user's to overwrite)."""
-    adapter = args.expert or args.lora
+    adapter = getattr(args, "expert_given", None) or args.expert or args.lora  # as named, not its hub cache path
     stem = f"runs/eval-{args.task}-{args.split}" + (f"-{Path(adapter).parent.name}-{Path(adapter).stem}" if adapter else "")
     out, n = Path(f"{stem}.jsonl"), 1
     while out.exists():
@@ -131,6 +131,7 @@ def main():
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")
     if args.expert:  # a file, or one on the Hugging Face hub
+        args.expert_given = args.expert
         expert = common.resolve_experts(args.expert)
         if expert.is_dir():
             files = sorted(p.name for p in expert.glob("*.safetensors"))
