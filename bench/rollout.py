@@ -51,9 +51,9 @@ WORKLOADS = {  # prompts from (task, split); samples: copies of each prompt; bat
 }
 QUICK = {"gsm8k": dict(prompts=8, tokens=32, batch=4), "arc": dict(prompts=2, samples=4, tokens=32, batch=4),
          "single": dict(prompts=2, tokens=32)}
-RL = dict(task="cls", prompts=train.CPU_PRESET["batch_size"], tokens=train.CPU_REPLY_TOKENS["cls"],
-          micro_batch=train.CPU_PRESET["micro_batch"], lr=train.CPU_PRESET["lr"], steps=train.CPU_PRESET["steps"],
-          clip=train.PAPER["clip"])  # the CPU preset keeps the paper's clip
+CLS_CPU = train.preset_settings("cpu", "cls")  # the CPU preset keeps the paper's clip
+RL = dict(task="cls", prompts=CLS_CPU.batch_size, tokens=CLS_CPU.max_new_tokens, micro_batch=CLS_CPU.micro_batch,
+          lr=CLS_CPU.lr, steps=CLS_CPU.steps, clip=CLS_CPU.clip)
 RL_QUICK = dict(prompts=4, tokens=8, micro_batch=2)
 old_model = None  # model.py at OLD_COMMIT, imported by main()
 

@@ -44,7 +44,7 @@ DEFAULTS = dict(
     repeats=3,  # timed steps per row, after one warm-up
     targets="mlp",
     param="scale",
-    threads=None,  # None: the cores free now (model.set_threads)
+    threads=None,  # None: the cores free now (common.set_threads)
 )
 TARGET_RATIO = 1.3
 
