@@ -41,6 +41,9 @@ def main(first: str, second: str):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     main(sys.argv[1], sys.argv[2])

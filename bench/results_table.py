@@ -146,6 +146,9 @@ def table2(folders):
 
 if __name__ == "__main__":
     commands = {"train": train_rows, "recipes": recipe_rows, "adapt": adapt_rows, "table2": table2}
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] not in commands or (sys.argv[1] != "table2" and len(sys.argv) < 3):
         sys.exit(__doc__)
     commands[sys.argv[1]](sys.argv[2:])
