@@ -357,12 +357,18 @@ def atomic_path(path):
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        permissions_as_created(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def permissions_as_created(path: Path):
+    """Give a file the permissions open() gives a new one (0666 less the umask): safetensors writes its
+    files private (0600), and a model or expert written here is meant to be read by others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
@@ -370,7 +376,7 @@ def atomic_folder(path):
     """Yield a hidden sibling folder to fill; when the block ends without an error it takes the place of
     `path` (an old folder there is moved aside, then deleted), so an interrupted write never leaves a
     folder that looks complete but is not. os.replace cannot rename over a non-empty folder, hence the
-    move aside."""
+    move aside. Its files get the permissions open() would give them, as with atomic_path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial-{os.getpid()}"
@@ -378,6 +384,9 @@ def atomic_folder(path):
     partial.mkdir()
     try:
         yield partial
+        for file in partial.rglob("*"):
+            if file.is_file():
+                permissions_as_created(file)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.replace(path, old)

@@ -15,7 +15,6 @@ it is full-rank: it cannot be written as a LoRA adapter without loss, hence a wh
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -76,9 +75,6 @@ def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out:
         write_gguf(tensors, model.args, source, gguf_path, gguf_dtype, name=f"{source.name} (SVF merged)")
     with common.atomic_folder(out) as partial:
         save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial / "model.safetensors", 0o666 & ~umask)  # safetensors writes it private (0600)
         for name in COPIED:
             if (source / name).exists():
                 shutil.copy2(source / name, partial / name)

@@ -2,6 +2,7 @@
 merged, in the source checkpoint's dtype and names, tied embeddings kept tied."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -51,6 +52,9 @@ def test_transformers_reads_the_merged_model(family, overrides, tmp_path):
     tied = overrides.get("tie_word_embeddings", False)
     assert ("lm_head.weight" in names) is not tied
     assert json.loads((out / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' private 0600
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
 
 
