@@ -85,7 +85,7 @@ def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out:
 # ---- GGUF for llama.cpp / Ollama: the same merged tensors, f16 (or bf16 / f32), under llama.cpp's names
 
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2"}  # our family -> llama.cpp's architecture
-GGUF_TYPES = {"f16": (np.float16, "F16"), "bf16": (None, "BF16"), "f32": (np.float32, "F32")}
+GGUF_TYPES = ("f16", "bf16", "f32")
 
 
 def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -156,7 +156,6 @@ def write_gguf(tensors: dict[str, torch.Tensor], args: m.ModelArgs, source: Path
 
     arch = GGUF_ARCH[args.family]
     path = Path(path)
-    numpy_dtype, type_name = GGUF_TYPES[dtype]
     with common.atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or source.name)
@@ -192,7 +191,7 @@ def write_gguf(tensors: dict[str, torch.Tensor], args: m.ModelArgs, source: Path
                 writer.add_tensor(gguf_name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16),
                                   raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
-                writer.add_tensor(gguf_name, values.astype(numpy_dtype))
+                writer.add_tensor(gguf_name, values.astype(np.float16))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -231,7 +230,7 @@ def main(argv=None):
     p.add_argument("--model", default=m.DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     p.add_argument("--gguf", default=None, metavar="FILE", help="also write a GGUF file for llama.cpp / Ollama")
-    p.add_argument("--gguf-dtype", choices=sorted(GGUF_TYPES), default="f16",
+    p.add_argument("--gguf-dtype", choices=GGUF_TYPES, default="f16",
                    help="the GGUF's weight type (quantising further is llama.cpp's llama-quantize)")
     p.add_argument("--threads", type=common.positive_int, default=None)
     args = p.parse_args(argv)
