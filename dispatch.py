@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
@@ -43,9 +44,8 @@ class FewShotChoice:
 
 
 def load_experts(folder) -> dict[str, tuple[dict, dict]]:
-    """{name: (z, metadata)} for the expert files in a folder, any number of them. The name is the
-    category in the metadata (train.py writes its task's: math, code, reasoning, classifier, or a new
-    task's own), else the category of the task it names, else the file name."""
+    """{name: (z, metadata)} for the expert files in a folder, any number of them, named by expert_name:
+    the category train.py writes (its task's: math, code, reasoning, classifier, or a new task's own)."""
     folder = common.resolve_experts(folder)  # a folder, or a hub repository of experts
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
@@ -54,8 +54,7 @@ def load_experts(folder) -> dict[str, tuple[dict, dict]]:
     experts = {}
     for path in files:
         z, meta = svf_lib.read_expert(path)
-        task = meta.get("task")
-        name = meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else path.stem)
+        name = expert_name(meta, path)
         if name in experts:
             raise ValueError(f"two experts for {name!r} in {folder}: keep one")
         experts[name] = (z, {**meta, "file": path.name})
@@ -63,6 +62,13 @@ def load_experts(folder) -> dict[str, tuple[dict, dict]]:
     if len(kinds) > 1:
         raise ValueError(f"the experts in {folder} were trained with different settings {sorted(kinds)}; mix only like with like")
     return experts
+
+
+def expert_name(meta: dict, path) -> str:
+    """What adapt.py calls an expert: the category in its metadata, else the category of the task it
+    names (files written before experts carried one), else its file name."""
+    task = meta.get("task")
+    return meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else Path(path).stem)
 
 
 class TwoPass:

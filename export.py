@@ -26,7 +26,6 @@ import common
 import dispatch
 import model as m
 import svf as svf_lib
-import tasks
 
 ROOT = Path(__file__).resolve().parent
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -200,15 +199,14 @@ def write_gguf(tensors: dict[str, torch.Tensor], args: m.ModelArgs, source: Path
 
 
 def model_card(base_model: str, merged: str, experts: dict[str, dict]) -> str:
-    """The exported folder's README.md: the base model, what was merged, and each expert's metadata."""
+    """The exported folder's README.md: the base model, what was merged, and each expert's metadata
+    ({name: metadata}, as dispatch.load_experts gives them)."""
     lines = [f"# {base_model} with SVF experts merged", "",
              f"Base model: `{base_model}`. Merged: {merged}. Written by `export.py` (Transformer², arXiv 2501.06252):",
              "each adapted matrix is W' = U diag(σ') Vᵀ with its singular values rescaled by the expert's z.", "",
-             "| expert | task | category | parametrization | targets | command |", "|---|---|---|---|---|---|"]
-    for name, meta in experts.items():
-        task = meta.get("task", "")
-        category = meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else "")
-        lines.append(f"| {name} | {task} | {category} | {meta.get('param', '')} "
+             "| expert (category) | file | task | parametrization | targets | command |", "|---|---|---|---|---|---|"]
+    for name, meta in experts.items():  # named by dispatch.expert_name
+        lines.append(f"| {name} | {meta.get('file', '')} | {meta.get('task', '')} | {meta.get('param', '')} "
                      f"| {meta.get('targets', '')} | `{meta.get('command', '')}` |")
     return "\n".join(lines) + "\n"
 
@@ -242,7 +240,8 @@ def main(argv=None):
     if args.expert:
         adapter = svf_lib.apply_expert(model, args.expert, merge=False)
         meta = svf_lib.read_expert(args.expert)[1]
-        experts, merged = {Path(args.expert).stem: meta}, f"the expert `{Path(args.expert).name}`"
+        experts = {dispatch.expert_name(meta, args.expert): {**meta, "file": Path(args.expert).name}}
+        merged = f"the expert `{Path(args.expert).name}`"
     else:
         found = dispatch.load_experts(args.experts)
         unknown = sorted(set(args.alpha) - set(found))

@@ -92,6 +92,7 @@ def test_export_command_with_a_mixture(tmp_path, capsys):
             safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as b:
         assert all(torch.allclose(a.get_tensor(k), b.get_tensor(k), atol=1e-6) for k in a.keys())
     assert "math α=1" in (tmp_path / "mix" / "README.md").read_text()
+    assert "| math | gsm8k.safetensors | gsm8k |" in (tmp_path / "one" / "README.md").read_text()  # named by category
     with pytest.raises(SystemExit):
         export.main(["--experts", str(tmp_path / "experts"), "--alpha", "poetry=1", "--model", str(source),
                      "--out", str(tmp_path / "bad")])
