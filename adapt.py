@@ -147,14 +147,16 @@ def main(argv=None):
     if args.export:
         import export
 
-        with two_pass.use(choices[0]):  # the weights every scored prompt was answered with
-            merged = (f"the expert {choices[0]}" if isinstance(choices[0], str) else
-                      "no expert (few-shot kept the base weights)" if choices[0] is None else
-                      "the few-shot mixture " + ", ".join(f"{k} α={v:.3f}" for k, v in report["alpha"].items()))
-            card = export.model_card(str(args.model), f"{merged}, chosen by `{' '.join(sys.argv)}`",
-                                     {n: e[1] for n, e in experts.items() if n in two_pass.skills})
-            adapter = None if choices[0] is None else two_pass.svf
-            print(f"exported to {export.export(model, adapter, common.resolve(args.model), Path(args.export), card)}")
+        choice, adapter = choices[0], None  # the weights every scored prompt was answered with
+        if choice is not None:
+            two_pass.svf.load_state(two_pass.z_of(choice))  # export merges it
+            adapter = two_pass.svf
+        merged = (f"the expert {choice}" if isinstance(choice, str) else
+                  "no expert (few-shot kept the base weights)" if choice is None else
+                  "the few-shot " + export.mixture_text(report["alpha"]))
+        card = export.model_card(str(args.model), f"{merged}, chosen by `{' '.join(sys.argv)}`",
+                                 {n: e[1] for n, e in experts.items() if n in two_pass.skills})
+        print(f"exported to {export.export(model, adapter, common.resolve(args.model), Path(args.export), card)}")
 
     print("\n| mode | task | scored | accuracy | 95% CI | pass 1 s | pass 2 s | pass 1 / pass 2 |")
     print("|---|---|---:|---:|---|---:|---:|---:|")

@@ -89,8 +89,12 @@ class TwoPass:
         """A context with the given expert (name or z dict) merged in, or the base weights for None."""
         if name_or_z is None:
             return self.svf.disabled()
-        self.svf.load_state(self.experts[name_or_z] if isinstance(name_or_z, str) else name_or_z)
+        self.svf.load_state(self.z_of(name_or_z))
         return self.svf.merged()
+
+    def z_of(self, name_or_z) -> dict:
+        """An expert's z by name, or a z dict (a mixture) as it is."""
+        return self.experts[name_or_z] if isinstance(name_or_z, str) else name_or_z
 
     def generate(self, prompts, max_new_tokens, **kw) -> gen.Generation:
         return gen.generate(self.model, self.tokenizer, prompts, max_new_tokens, batch_size=self.batch_size, **kw)

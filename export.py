@@ -211,6 +211,11 @@ def model_card(base_model: str, merged: str, experts: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mixture_text(alpha: dict[str, float]) -> str:
+    """How a card names a mixture: "mixture code α=0.2, math α=0.8"."""
+    return "mixture " + ", ".join(f"{name} α={weight:.3g}" for name, weight in alpha.items())
+
+
 def parse_alpha(text: str) -> dict[str, float]:
     """--alpha code=0.2,math=0.3: one weight per expert name."""
     try:
@@ -251,7 +256,7 @@ def main(argv=None):
         names = sorted(args.alpha)
         two_pass.svf.load_state(two_pass.mixed(names, torch.tensor([args.alpha[n] for n in names])))
         adapter, experts = two_pass.svf, {n: found[n][1] for n in names}
-        merged = "the mixture " + ", ".join(f"{n} α={args.alpha[n]:g}" for n in names)
+        merged = "the " + mixture_text({n: args.alpha[n] for n in names})
     out = export(model, adapter, source, Path(args.out), model_card(str(args.model), merged, experts),
                  args.gguf and Path(args.gguf), args.gguf_dtype)
     print(f"wrote {out}{' and ' + args.gguf if args.gguf else ''}: {merged} merged into {args.model}", file=sys.stderr)
