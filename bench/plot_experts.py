@@ -46,13 +46,12 @@ def main(argv=None):
     parser.add_argument("--model", default=m.DEFAULT_MODEL)
     args = parser.parse_args(argv)
     model, _ = m.load(args.model, dtype=torch.float32, device="cpu")
-    metas = [svf_lib.read_expert(path)[1] for path in args.experts]
-    first = metas[0]
+    experts = [svf_lib.read_expert(path) for path in args.experts]  # (z, metadata) each
+    first = experts[0][1]
     adapter = svf_lib.SVF(model, targets=first["targets"], parametrization=first["param"],
                           layers=json.loads(first.get("layers", "null")), progress=False)
     tables = []
-    for path, meta in zip(args.experts, metas):
-        z, _ = svf_lib.read_expert(path)
+    for path, (z, meta) in zip(args.experts, experts):
         names, table = factors(adapter, z)
         tables.append((Path(path).stem, meta, names, table))
     spread = max(float(torch.nan_to_num(t.log().abs(), nan=0).max()) for *_, t in tables) or 1e-3
