@@ -344,8 +344,8 @@ def main(argv=None):
         nonlocal saved_step
         if rank == 0:
             checkpoint.save(checkpoint_path, dict(z=adapter.state(), optimizer=optimizer.state_dict(),
-                                                  scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
-                                                  history=history, step=step, best=best, config=config))
+                                             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
+                                             history=history, step=step, best=best, config=config))
         saved_step = step
 
     def validate(step):
@@ -405,7 +405,7 @@ def main(argv=None):
         # The category names the expert for adapt.py; a classifier also records the categories it learnt.
         classifier = dict(label_rule=config["label_rule"], categories=json.dumps(task.categories)) if task.name == "cls" else {}
         adapter.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
-                        step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
+                            step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
     base_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config, adapted=False)
     expert_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config)
     paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],
