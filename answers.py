@@ -12,8 +12,9 @@ Scoring. Exact; no partial credit and never a random guess. A reply we cannot re
     arc_*      the chosen letter, first rule that applies: the last \\boxed{X}; the last "answer is (X)" /
                "Answer: X"; a reply that is only the letter ("B", "(B)", "**B.**"); a reply that opens with
                the letter and ".", ")" or ":" ("B. refrigerator"). A letter that is not one of the
-               question's labels, or no letter -> None (wrong). Capital letters only. (A first line that
-               is only the letter, "B\\n...", counts as opening with it.)
+               question's labels, no letter, or a hedge (the letter joined to another label: "B or C",
+               "\\boxed{B,C}") -> None (wrong). Capital letters only. (A first line that is only the
+               letter, "B\\n...", counts as opening with it.)
     mbpp       the solution is the code + test_setup_code (task 367's setup uses a class the solution
                defines); the tests are the test_list asserts. It passes iff judge.py, which runs the tests
                in a process of its own, says every assert ran and none failed (sandbox.run_many).
@@ -218,13 +219,16 @@ ARC_BOXED = re.compile(r"\s*(?:\\text\{\s*)?" + ARC_LETTER)
 ARC_PHRASE = re.compile(r"(?i:answer)\s*(?:(?i:is)|:)\s*:?\s*\**\s*(?:(?i:option|choice)\s*)?" + ARC_LETTER)
 ARC_ONLY_LETTER = re.compile(r"[\W_]*([A-Z])[\W_]*")
 ARC_OPENING_LETTER = re.compile(r"[\s*(]*([A-Z])(?:\s*[.):]|\**[ \t]*\n)")  # "B. tv", "B)", "B\n..."
+# Right after the chosen letter, another letter joined to it: "A or B", "A, B, C or D", "(A) and (B)".
+ARC_HEDGE = re.compile(r"\s*\)?\s*(?:,|/|&|\b(?i:or|and)\b)\s*\(?\s*([A-Z])\s*\)?(?![A-Za-z])")
 
 
 def arc_letter(completion, labels):
     """The label the reply chooses, or None. The first of these that names a letter decides:
     the last \\boxed{X}; the last "answer is (X)" / "Answer: X"; a reply that is only the letter;
     a reply opening with "X." / "X)" / "X:" or with a line that is only X. A letter that is not one of
-    the labels -> None."""
+    the labels -> None, and so is a hedge, the letter joined to another label ("A or B", "\\boxed{A,B}"):
+    naming two options is not choosing one."""
     text = completion.strip()
     boxed = last_boxed(text)
     phrases = list(ARC_PHRASE.finditer(text))
@@ -233,5 +237,8 @@ def arc_letter(completion, labels):
                   ARC_ONLY_LETTER.fullmatch(text),
                   ARC_OPENING_LETTER.match(text)):
         if match is not None:
-            return match.group(1) if match.group(1) in labels else None
+            hedge = ARC_HEDGE.match(match.string, match.end(1))
+            if match.group(1) not in labels or (hedge is not None and hedge.group(1) in labels):
+                return None
+            return match.group(1)
     return None

@@ -132,6 +132,14 @@ ARC_CASES = [  # (reply, extracted)
     ("The answer is Apple.", None),  # the A of a word is not a letter choice
     ("b", None),  # capital letters only
     ("", None),
+    # a hedge names two options and chooses none, wherever it stands
+    ("The answer is B or C", None),
+    ("\\boxed{B,C}", None),
+    ("\\boxed{B, A, C or D}", None),
+    ("(B) or (C)", None),
+    ("Answer: B and D", None),
+    ("The answer is B. A and C are older.", "B"),  # other letters after the choice, not joined to it
+    ("B. television, which came after A", "B"),
 ]
 
 
