@@ -216,15 +216,24 @@ def read_adapter_file(path, fmt: str, kind: str, what: str, train_command: str) 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{kind} {path} not found (train one with: {train_command})")
+    # z vectors and LoRA factors are floating point; anything else (an integer copy truncates z to whole
+    # numbers) would be read by .float() below without a word.
+    floating = ("F64", "F32", "F16", "BF16")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            tensors = {k: f.get_tensor(k).float() for k, dtype in dtypes.items() if dtype in floating}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); was it truncated?") from e
     if meta.get("format") != fmt:
         hint = " (an SVF expert: give it as --expert)" if meta.get("format", "").startswith("transformer2-svf-expert") else ""
         raise ValueError(f"{path} is not {what} (metadata format {meta.get('format')!r}, expected {fmt!r}){hint}")
+    other = [k for k, dtype in dtypes.items() if dtype not in floating]
+    if other:
+        raise ValueError(f"{path}: {other[0]} holds {dtypes[other[0]]} values ({len(other)} of the file's {len(dtypes)} "
+                         f"tensors are not floating point); {what} stores floating-point tensors (F32), so the file was "
+                         f"converted or damaged after training: train it again ({train_command}) or restore the file")
     # A NaN in a z or a LoRA factor spreads to every weight it touches; the model then answers only end-of-text.
     bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:

@@ -15,7 +15,6 @@ Prompts that chose the same expert are answered together, so each expert is merg
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -71,6 +70,11 @@ def expert_name(meta: dict, path) -> str:
     return meta.get("category") or (tasks.TASKS[task].category if task in tasks.TASKS else Path(path).stem)
 
 
+def where(name: str, meta: dict) -> str:
+    """How an error names an expert: its file (load_experts records it) and its name."""
+    return f"expert {name!r} ({meta['file']})" if "file" in meta else f"expert {name!r}"
+
+
 class TwoPass:
     """One model with SVF set up for a set of experts; runs pass 1 and pass 2."""
 
@@ -78,12 +82,15 @@ class TwoPass:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.experts = {name: z for name, (z, _) in experts.items()}
         self.skills = sorted(name for name in experts if name != CLASSIFIER)  # pass 1's categories; the order of α
-        classifier = experts.get(CLASSIFIER, (None, {}))[1]
-        self.classifier_categories = tuple(json.loads(classifier.get("categories", "null")) or classify.CATEGORIES)
-        meta = next(iter(experts.values()))[1]
-        self.svf = svf_lib.SVF(model, targets=meta["targets"], parametrization=meta["param"], layers=json.loads(meta.get("layers", "null")))
+        # Metadata is parsed through svf.expert_settings, which names the file and key of a damaged value.
+        classifier = experts.get(CLASSIFIER, (None, None))[1]
+        categories = svf_lib.expert_settings(classifier, where(CLASSIFIER, classifier))["categories"] if classifier else None
+        self.classifier_categories = categories or classify.CATEGORIES
+        name, (_, meta) = next(iter(experts.items()))
+        settings = svf_lib.expert_settings(meta, where(name, meta))
+        self.svf = svf_lib.SVF(model, targets=settings["targets"], parametrization=settings["param"], layers=settings["layers"])
         for name, (z, meta) in experts.items():
-            svf_lib.check_fits(self.svf, z, meta, f"expert {name!r}")
+            svf_lib.check_fits(self.svf, z, meta, where(name, meta))
 
     def use(self, name_or_z):
         """A context with the given expert (name or z dict) merged in, or the base weights for None."""

@@ -354,13 +354,91 @@ class SVF:
         return meta
 
 
+# The largest |z| an expert file may hold, per parametrization. scale: σ' = σ·z, so 10 lets a file grow or
+# shrink (or flip) a singular value tenfold; training starts at z = 1 and Adam moves z by about lr per step,
+# so a trained expert stays far inside, while a z of 1e30 overflows the activations and the model then
+# answers only end-of-text. mask: z is a logit; sigmoid(±30) is within 1e-13 of 1 and 0, so a larger |z|
+# changes nothing the mask can express, and below about -88 sigmoid(z) is 0 in fp32, an all-zero mask and
+# a 0/0 in the nuclear-norm rescale.
+Z_LIMIT = {"scale": 10.0, "mask": 30.0}
+RETRAIN = "train it again (python train.py --task gsm8k|mbpp|arc_easy|cls) or restore the file"
+
+
 def read_expert(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return common.read_adapter_file(path, EXPERT_FORMAT, "expert file", "an SVF expert", "python train.py --task gsm8k")
+    """An expert file's {matrix name: z} and metadata, both checked: the metadata's settings
+    (expert_settings), at least one z, each a vector of at most Z_LIMIT in size."""
+    z, meta = common.read_adapter_file(path, EXPERT_FORMAT, "expert file", "an SVF expert", "python train.py --task gsm8k")
+    settings = expert_settings(meta, path)
+    if not z:
+        raise ValueError(f"{path} holds no z vectors (no tensors at all), so it adapts nothing: the file is damaged "
+                         f"or was not written by train.py; {RETRAIN}")
+    flat = [name for name, v in z.items() if v.ndim != 1]
+    if flat:
+        raise ValueError(f"{path}: {flat[0]} has shape {tuple(z[flat[0]].shape)}; a z is a vector (one number per "
+                         f"singular value). The file is damaged or was not written by train.py; {RETRAIN}")
+    limit = Z_LIMIT[settings["param"]]
+    big = [name for name, v in z.items() if v.numel() and v.abs().max() > limit]
+    if big:
+        largest = z[big[0]].abs().max().item()
+        raise ValueError(f"{path}: {big[0]} holds |z| = {largest:.3g}, above the limit of {limit:g} for a {settings['param']} "
+                         f"expert ({len(big)} of the file's {len(z)} vectors exceed it); merged, it would scale the "
+                         f"singular values so far that the model answers only end-of-text. The training that wrote it "
+                         f"diverged or the file is damaged: {RETRAIN}")
+    return z, meta
+
+
+def expert_settings(meta: dict, path) -> dict:
+    """An expert's settings from its metadata (a file's strings, several of them JSON), parsed and checked:
+    param, targets, layers (None or layer indices), shapes ({matrix: [m, n]}), sigma_sums (numbers or None),
+    categories (a classifier's, a tuple, or None). Everything that reads these goes through here, so a
+    damaged or hand-edited value is an error naming the file and the key, not a JSONDecodeError,
+    TypeError or KeyError deep in the code that uses it."""
+    for key, choices in (("param", PARAMETRIZATIONS), ("targets", tuple(TARGETS))):
+        if key not in meta:
+            raise ValueError(f"{path}: the metadata has no {key!r} (one of {', '.join(choices)}), which every expert "
+                             f"train.py writes has: the file is damaged or was not written by train.py; {RETRAIN}")
+        if meta[key] not in choices:
+            raise ValueError(f"{path}: metadata {key!r} is {meta[key]!r}, not one of {', '.join(choices)}: the file is "
+                             f"damaged or was edited by hand; {RETRAIN}")
+
+    def natural(x):  # bool is an int to Python, not a count to us
+        return type(x) is int and x >= 0
+
+    def number(x):
+        return type(x) in (int, float) and math.isfinite(x)
+
+    def parsed(key, valid, expected):
+        if key not in meta:
+            return None
+        try:
+            value = json.loads(meta[key])
+            ok = valid(value)
+        except (TypeError, ValueError):  # json.JSONDecodeError is a ValueError; TypeError: unhashable items in set()
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: metadata {key!r} is {str(meta[key])[:200]!r}, not {expected}: the file is "
+                             f"damaged or was edited by hand; {RETRAIN}")
+        return value
+
+    layers = parsed("layers", lambda v: v is None or isinstance(v, list) and all(map(natural, v)) and len(set(v)) == len(v),
+                    "null or a JSON list of distinct layer indices such as [0, 1, 2]")
+    shapes = parsed("shapes", lambda v: isinstance(v, dict) and all(
+                        isinstance(s, list) and len(s) == 2 and all(natural(n) and n > 0 for n in s) for s in v.values()),
+                    'a JSON object of matrix shapes such as {"layers.0.mlp.up_proj": [1536, 576]}')
+    sigma_sums = parsed("sigma_sums", lambda v: isinstance(v, list) and all(map(number, v)),
+                        "a JSON list of numbers (each matrix's sum of singular values)")
+    categories = parsed("categories", lambda v: v is None or isinstance(v, list) and v and len(set(v)) == len(v) and all(
+                            isinstance(c, str) and c.strip() for c in v),
+                        'null or a JSON list of distinct category names such as ["code", "math", "reasoning"]')
+    return dict(param=meta["param"], targets=meta["targets"], layers=layers, shapes=shapes or {},
+                sigma_sums=sigma_sums, categories=None if categories is None else tuple(categories))
 
 
 def check_fits(svf: SVF, z: dict, meta: dict, path):
-    if meta["param"] != svf.parametrization or meta["targets"] != svf.targets:
-        raise ValueError(f"{path} is a {meta['param']} expert on {meta['targets']}; this SVF is {svf.parametrization} on {svf.targets}")
+    settings = expert_settings(meta, path)
+    if settings["param"] != svf.parametrization or settings["targets"] != svf.targets:
+        raise ValueError(f"{path} is a {settings['param']} expert on {settings['targets']}; this SVF is "
+                         f"{svf.parametrization} on {svf.targets}")
     if set(z) != set(svf.names):
         raise ValueError(f"{path} adapts other matrices than this model ({len(z)} vs {len(svf.names)}; "
                          f"e.g. {sorted(set(z) ^ set(svf.names))[:2]}): it was trained for another architecture or layer set")
@@ -370,7 +448,7 @@ def check_fits(svf: SVF, z: dict, meta: dict, path):
                          f"in the expert and {svf.modules[wrong[0]].z.numel()} here ({len(wrong)} matrices differ)")
     # Equal z lengths do not make equal matrices: r = min(m, n) hides a change of the longer side
     # (another MLP width), and a z is only meaningful on a matrix of the shape it was trained for.
-    shapes = json.loads(meta.get("shapes", "{}"))
+    shapes = settings["shapes"]
     here = {n: list(svf.modules[n].base.weight.shape) for n in svf.names}
     wrong = [n for n in svf.names if n in shapes and shapes[n] != here[n]]
     if wrong:
@@ -382,7 +460,12 @@ def apply_expert(model: m.Transformer, path, merge: bool = True, shuffle_seed: i
     """SVF with the targets and parametrization an expert file names, its z loaded (permuted with
     shuffle_seed: see SVF.load_expert), merged for generation."""
     _, meta = read_expert(path)
-    svf = SVF(model, targets=meta["targets"], parametrization=meta["param"], layers=json.loads(meta.get("layers", "null")))
+    settings = expert_settings(meta, path)
+    outside = [i for i in settings["layers"] or () if i >= model.args.n_layers]
+    if outside:
+        raise ValueError(f"{path} adapts layers {outside}, and this model has {model.args.n_layers} layers "
+                         f"(0-{model.args.n_layers - 1}): the expert was trained for another model; use one trained on this one")
+    svf = SVF(model, targets=settings["targets"], parametrization=settings["param"], layers=settings["layers"])
     svf.load_expert(path, shuffle_seed=shuffle_seed)
     if merge:
         svf.set_mode("merged")
