@@ -307,10 +307,19 @@ class CodeTask(Task):
         return "".join(future.findall(source)) + future.sub("", source)
 
     def execute(self, examples, completions, progress=False):
-        """Run every reply's tests in the sandbox; returns sandbox.Outcome (passed, status, detail) per example."""
+        """Run every reply's tests in the sandbox; returns sandbox.Outcome (passed, status, detail) per
+        example. Raises sandbox.SandboxError where the sandbox could not run a reply at all: that is
+        no verdict on the reply, and scoring it as wrong would give training a reward of -1 for
+        every reply, right or wrong."""
         assert len(examples) == len(completions), (len(examples), len(completions))
         jobs = [self.tests(e, c) for e, c in zip(examples, completions)]
-        return sandbox.run_many(jobs, timeout=self.timeout, progress=progress)
+        outcomes = sandbox.run_many(jobs, timeout=self.timeout, progress=progress)
+        broken = [outcome for outcome in outcomes if outcome.status == "error"]
+        if broken:
+            raise sandbox.SandboxError(
+                f"the sandbox could not run {len(broken)} of {len(outcomes)} replies, so they were not "
+                f"scored; the first said: {broken[0].detail.strip()[-500:]}")
+        return outcomes
 
     def score_many(self, examples, completions, progress=False):
         return [outcome.passed for outcome in self.execute(examples, completions, progress)]

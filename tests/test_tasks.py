@@ -303,3 +303,21 @@ def test_reference_replies_of_fewshot_tasks_score_correct(name, split):
     task = tasks.get(name)
     examples = task.load(split)[:12]
     assert all(task.score_many(examples, [task.reference(e) for e in examples]))
+
+
+def test_one_unwritable_reply_does_not_lose_the_batch():
+    # A lone surrogate cannot be written to a UTF-8 file: that reply fails, the others are scored.
+    task = tasks.get("mbpp")
+    examples = task.load("test")[:2]
+    replies = [fenced("# \ud800\n" + examples[0]["code"]), fenced(examples[1]["code"])]
+    assert task.score_many(examples, replies) == [False, True]
+
+
+def test_a_broken_sandbox_is_an_error_not_a_wrong_answer(monkeypatch):
+    # Scoring correct solutions as wrong would train on a reward of -1 for everything.
+    import sandbox
+    task = tasks.get("mbpp")
+    examples = task.load("test")[:2]
+    monkeypatch.setattr(sandbox, "PROGRAM_PYTHON", "/nonexistent/python3")
+    with pytest.raises(sandbox.SandboxError, match="could not run 2 of 2"):
+        task.score_many(examples, [fenced(e["code"]) for e in examples])
