@@ -43,11 +43,21 @@ class Generation:
     n_generated: int = 0  # tokens produced in all, for tok/s
 
 
+# Temperatures below the smallest normal fp32 number (1.2e-38) are greedy: in fp32 such a t is a denormal
+# or 0, and dividing by it gives inf or NaN. Sampling at a t this small is greedy anyway: a token whose logit
+# is d below the best has relative probability exp(-d / t), which fp32 rounds to 0 once d / t > 104, i.e.
+# for any d above 1.3e-36, and logits that differ at all differ by far more.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
 def sample_next(logits, temperature: float, top_p: float, generator):
-    """(B, vocab) logits -> (B,) tokens. temperature 0 is greedy."""
-    if temperature <= 0:
+    """(B, vocab) logits -> (B,) tokens. temperature 0 (or below GREEDY_BELOW) is greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Subtracting each row's largest logit first keeps the scaled logits <= 0 with the best exactly 0, so a
+    # small temperature sends the others to -inf (probability 0) rather than overflowing to inf - inf = NaN.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p.
         sorted_probs, order = probs.sort(dim=-1, descending=True)

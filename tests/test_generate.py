@@ -139,6 +139,30 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
 
 
+# Logits whose scaled values overflow fp32 at these temperatures (50 / 1e-37 = 5e38 > 3.4e38); the best
+# token of each row, by hand: 60.0 at index 1, then -40.0 at index 1.
+OVERFLOWING_LOGITS = [[50.0, 60.0, 40.0, -2.0], [-50.0, -40.0, -60.0, -45.0]]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-38, 2e-38, 1e-37])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_tiny_temperature_samples_the_best_token(temperature, top_p):
+    """Below fp32's smallest normal number (1.2e-38) sampling is greedy; just above it, the one token
+    whose probability is not 0 is still the best one, never a NaN draw."""
+    logits = torch.tensor(OVERFLOWING_LOGITS)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert gen.sample_next(logits, temperature, top_p, g).tolist() == [1, 1]
+
+
+def test_sampling_at_a_tiny_temperature_equals_greedy(tiny_llama):
+    model, tokenizer = m.load(tiny_llama, device="cpu")
+    prompts = random_prompts((4, 9, 2), seed=5)
+    greedy = gen.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    tiny = gen.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, temperature=1e-40, seed=3)
+    assert tiny.tokens == greedy.tokens
+
+
 def test_draw_follows_the_weights():
     """20,000 draws from weights 5 : 3 : 1.5 : 0.5 : 0 (two rows, one scaled): each frequency within 0.01 of
     its probability (about 4 standard errors), and the zero-weight entry never."""
