@@ -56,7 +56,7 @@ def main(argv=None):
                         "--mode prompt); lenient, else the first category word. --mode cls defaults to the rule the "
                         "classifier was trained with (its metadata; lenient for files that do not say)")
     p.add_argument("--batch-size", type=common.positive_int, default=DEFAULTS["batch_size"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.seed, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--export", default=None, metavar="DIR",
                    help="--mode expert or fewshot: also write the model with the weights pass 2 used merged in, as a "
@@ -65,7 +65,7 @@ def main(argv=None):
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on a GPU)")
     p.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
-    p.add_argument("--threads", type=common.positive_int, default=None)
+    p.add_argument("--threads", type=common.thread_count, default=None)
     args = p.parse_args(argv)
     if args.mode == "expert" and not args.expert_name:
         p.error("--mode expert needs --expert-name (an expert's category: code, math, reasoning, ...)")

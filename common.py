@@ -343,9 +343,24 @@ def free_cores(sample_seconds: float = 0.2) -> int:
         return cores
 
 
+def max_threads() -> int:
+    """The most torch threads a script takes: one per logical CPU of the machine. More threads than
+    cores only wait on each other (see free_cores), and a huge count overflows torch's C int."""
+    return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None = None) -> int:
-    """torch threads: the given number, else T2_THREADS, else the cores free now."""
-    threads = threads or int(os.environ.get("T2_THREADS", 0)) or free_cores()
+    """torch threads: the given number, else T2_THREADS (0 or unset: not set), else the cores free now."""
+    if not threads:
+        value = os.environ.get("T2_THREADS", "").strip() or "0"
+        try:
+            threads = _bounded_int(value, 0, max_threads(), " (this machine's CPUs)")
+        except argparse.ArgumentTypeError:
+            raise ValueError(f"T2_THREADS={value!r} is not a thread count: set it to a whole number from 1 to "
+                             f"{max_threads()} (this machine's CPUs), or to 0 or unset it to use the cores free now") from None
+    elif not 1 <= threads <= max_threads():  # callers other than argparse (export.py, tests)
+        raise ValueError(f"{threads} threads: give a whole number from 1 to {max_threads()} (the machine's CPUs)")
+    threads = threads or free_cores()
     torch.set_num_threads(threads)
     return threads
 
@@ -438,21 +453,42 @@ def _finite_float(text: str, above_zero: bool) -> float:
     return value
 
 
+# The largest integer torch takes as a size or count (int64); past it torch fails with "Overflow when
+# unpacking long long", so the count flags stop there.
+MAX_COUNT = 2**63 - 1
+# Seeds are 32-bit, as numpy's and most tools' are: plenty to tell runs apart, and train.py's per-step
+# seeds (seed * 1000003 + step + ...) then stay far below the 2**64 that torch.manual_seed takes.
+MAX_SEED = 2**32 - 1
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a count of steps, examples, rows or tokens)."""
-    return _bounded_int(text, 1)
+    return _bounded_int(text, 1, MAX_COUNT, " (torch's int64 limit)")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    return _bounded_int(text, 0)
+    return _bounded_int(text, 0, MAX_COUNT, " (torch's int64 limit)")
 
 
-def _bounded_int(text: str, low: int) -> int:
+def seed(text: str) -> int:
+    """argparse type: a random seed, an integer from 0 to 2**32 - 1."""
+    return _bounded_int(text, 0, MAX_SEED, " (seeds are 32-bit)")
+
+
+def thread_count(text: str) -> int:
+    """argparse type: torch CPU threads, from 1 to the machine's CPUs (max_threads)."""
+    return _bounded_int(text, 1, max_threads(), " (this machine's CPUs)")
+
+
+def _bounded_int(text: str, low: int, high: int, high_is: str = "") -> int:
+    """An integer from low to high; high_is says where the upper limit comes from, for the message."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < low:
         raise argparse.ArgumentTypeError(f"{value} is below {low}; give an integer >= {low}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"{value} is too large; give an integer from {low} to {high}{high_is}")
     return value

@@ -110,7 +110,7 @@ def main():
     parser.add_argument("--model", default=DEFAULTS["model"], help="local Hugging Face folder or hub id")
     parser.add_argument("--expert", default=None, help="SVF expert file (.safetensors) to apply to the model, or "
                         "one on the Hugging Face hub: org/name/file.safetensors (org/name if it holds one expert)")
-    parser.add_argument("--shuffle-seed", type=int, default=None,
+    parser.add_argument("--shuffle-seed", type=common.seed, default=None,
                         help="permute each z of --expert with this seed: the ordered-σ control (paper Table 5)")
     parser.add_argument("--lora", default=None, help="LoRA file (train.py --method lora) to apply instead of an expert")
     parser.add_argument("--label-rule", choices=("strict", "lenient"), default=None,
@@ -126,7 +126,7 @@ def main():
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the decode step (auto: on a GPU)")
     parser.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
-    parser.add_argument("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: free cores)")
+    parser.add_argument("--threads", type=common.thread_count, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")

@@ -304,10 +304,10 @@ def main():
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: 0 < top-p <= 1 (1 keeps every token)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=common.seed, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
-    parser.add_argument("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: free cores)")
+    parser.add_argument("--threads", type=common.thread_count, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
     # "nan" and "inf" parse as floats; a NaN fails every comparison, so these are written to be false for it.
     if not (0 <= args.temperature < math.inf):

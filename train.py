@@ -141,12 +141,12 @@ def parse_args(argv=None):
     p.add_argument("--autocast", choices=("bf16", "none"), help=with_defaults(
         "autocast", "bf16 autocast for forward+backward (the CPU preset's bf16 becomes none on a CPU without "
                     "bf16 in hardware)"))
-    p.add_argument("--seed", type=common.non_negative_int, default=0)
+    p.add_argument("--seed", type=common.seed, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<task>-<param>-<targets>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, deleting its files")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=common.positive_int, default=None)
+    p.add_argument("--threads", type=common.thread_count, default=None)
     p.add_argument("--method", choices=("svf", "lora"), default="svf", help="what is trained: SVF z vectors or LoRA (q, v)")
     p.add_argument("--objective", choices=("rl", "nexttoken"), default="rl",
                    help="REINFORCE on the task's reward, or supervised next-token loss on reference replies")

@@ -2,6 +2,7 @@
 values out of range, adapter files holding NaN or inf, and damaged model and data files."""
 
 import gzip
+import os
 import shutil
 import sys
 
@@ -19,6 +20,7 @@ import model as m
 from tokenizer import Tokenizer
 import svf
 import tasks
+import train
 from conftest import evaluate_main_inputs
 
 
@@ -41,6 +43,7 @@ def run_main(monkeypatch, script, argv):
 
 
 EVALUATE = ["--task", "gsm8k", "--threads", "1"]
+HUGE = str(10**22)
 ADAPT = ["--mode", "none", "--task", "gsm8k", "--threads", "1"]
 GENERATE = ["--threads", "1"]
 
@@ -65,6 +68,17 @@ BAD_COMMAND_LINES = [
     (gen, GENERATE, "--top-p", "nan"),
     (gen, GENERATE, "--threads", "0"),
     (gen, GENERATE, "--threads", "-2"),
+    # Integers past what torch takes (int64; seeds 32-bit; threads one per CPU) stop at argparse too.
+    (evaluate, EVALUATE, "--shuffle-seed", HUGE),
+    (evaluate, EVALUATE, "--shuffle-seed", "4294967296"),
+    (evaluate, EVALUATE, "--threads", HUGE),
+    (evaluate, EVALUATE, "--threads", str(os.cpu_count() + 1)),
+    (evaluate, EVALUATE, "--batch-size", HUGE),
+    (evaluate, EVALUATE, "--limit", "9223372036854775808"),
+    (adapt, ADAPT, "--seed", HUGE),
+    (adapt, ADAPT, "--threads", HUGE),
+    (gen, GENERATE, "--seed", HUGE),
+    (gen, GENERATE, "--threads", HUGE),
 ]
 
 
@@ -86,6 +100,41 @@ def test_out_of_range_flag_is_an_argparse_error(monkeypatch, capsys, script, bas
 def test_smallest_allowed_values_reach_the_model(monkeypatch, script, argv):
     with pytest.raises(ModelLoaded):
         run_main(monkeypatch, script, argv)
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", HUGE), ("--seed", "4294967296"), ("--threads", HUGE),
+                                         ("--gen-batch", HUGE), ("--batch-size", HUGE), ("--steps", HUGE)])
+def test_train_refuses_huge_integers_at_argparse(capsys, flag, value):
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["--task", "arc_easy", flag, value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "too large" in err
+
+
+def test_integer_types_take_their_whole_range_and_no_more():
+    """Seeds 0 .. 2**32 - 1, threads 1 .. the machine's CPUs, counts 1 .. 2**63 - 1 (int64)."""
+    import argparse
+
+    assert common.seed("0") == 0 and common.seed("4294967295") == 4294967295
+    assert common.thread_count("1") == 1 and common.thread_count(str(os.cpu_count())) == os.cpu_count()
+    assert common.positive_int("9223372036854775807") == 9223372036854775807
+    assert common.non_negative_int("9223372036854775807") == 9223372036854775807
+    for parse, text in [(common.seed, "4294967296"), (common.seed, "-1"), (common.thread_count, str(os.cpu_count() + 1)),
+                        (common.positive_int, "9223372036854775808"), (common.non_negative_int, HUGE)]:
+        with pytest.raises(argparse.ArgumentTypeError, match="too large|below"):
+            parse(text)
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "nan", "1.5", HUGE, str(os.cpu_count() + 1)])
+def test_bad_t2_threads_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("T2_THREADS", value)
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError) as refused:
+        common.set_threads()
+    message = str(refused.value)
+    assert f"T2_THREADS={value!r}" in message and f"from 1 to {os.cpu_count()}" in message, message
+    assert torch.get_num_threads() == threads
 
 
 # ----------------------------------------------------------------------------------------------
