@@ -82,7 +82,9 @@ def main(argv=None):
     out = Path(args.out or f"runs/adapt-{label}-{args.task}.json")
     print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
 
-    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
+    # The dtype probe times the rows generation will really run: no more than the prompts of one pass.
+    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device,
+                              probe_rows=min(args.batch_size, max(len(scored), len(shots))))
     if common.compile_wanted(args.compile, model.embed.weight.device):
         gen.compile_decode()
     if args.lora:

@@ -281,12 +281,19 @@ def cast_weights(model: torch.nn.Module, dtype: torch.dtype):
         p.data = p.data.to(dtype)
 
 
+# The most rows the dtype probe times. docs/findings.md measured bf16 against fp32 at 1-128 rows; a
+# larger batch is timed at 128 rows, so that a huge --batch-size or --gen-batch costs the probe neither
+# memory nor time (a batch of 10**8 rows would need 230 GB for the embeddings alone).
+PROBE_MAX_ROWS = 128
+
+
 @torch.no_grad()  # not inference_mode: the cast weights must stay usable by training's autograd
 def probe_cpu_dtype(model: torch.nn.Module, rows: int, repeats: int = 3) -> tuple[torch.dtype, dict]:
     """The faster weight dtype for this model on this CPU, fp32 or bf16, timed on what generation does
-    most: a forward of `rows` one-token rows (a decode step's matrix shapes). The answer depends on the
-    CPU and the rows (with AMX, bf16 is faster at 16-128 rows and slower at one: docs/findings.md).
-    Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
+    most: a forward of `rows` one-token rows (a decode step's matrix shapes), at most PROBE_MAX_ROWS.
+    The answer depends on the CPU and the rows (with AMX, bf16 is faster at 16-128 rows and slower at
+    one: docs/findings.md). Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
+    rows = max(1, min(rows, PROBE_MAX_ROWS))
     tokens = torch.randint(model.args.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
     seconds = {}
     for dtype in (torch.float32, torch.bfloat16):

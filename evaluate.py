@@ -157,7 +157,9 @@ def main():
               "max_new_tokens": args.max_new_tokens or task.max_new_tokens}
     print("config: " + json.dumps(config))
 
-    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device, probe_rows=args.batch_size)
+    # The dtype probe times the rows generation will really run: no more than there are examples.
+    model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device,
+                              probe_rows=min(args.batch_size, len(examples)))
     if common.compile_wanted(args.compile, model.embed.weight.device):
         gen.compile_decode()
     if args.expert:

@@ -137,6 +137,31 @@ def test_bad_t2_threads_names_the_variable(monkeypatch, value):
     assert torch.get_num_threads() == threads
 
 
+def capture_load(monkeypatch):
+    """Replace model.load by one that records its keyword arguments, then stops the script."""
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(kwargs)
+        raise ModelLoaded
+
+    monkeypatch.setattr(m, "load", load)
+    return calls
+
+
+@pytest.mark.parametrize("script, argv", [
+    (evaluate, ["evaluate.py", *EVALUATE, "--limit", "1", "--batch-size", "100000000"]),
+    (adapt, ["adapt.py", *ADAPT, "--limit", "1", "--shots", "1", "--batch-size", "100000000"]),
+], ids=["evaluate", "adapt"])
+def test_dtype_probe_rows_are_the_rows_that_will_run(monkeypatch, script, argv):
+    """One prompt to answer with a batch of 10**8: the dtype probe times one row, not 10**8."""
+    calls = capture_load(monkeypatch)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(ModelLoaded):
+        script.main()
+    assert calls[0]["probe_rows"] == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Adapter files: a z (or LoRA factor) with NaN or inf is refused on load, naming the file and the tensor
 

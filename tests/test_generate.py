@@ -255,6 +255,15 @@ def test_dtype_probe_leaves_a_trainable_model(tiny_llama, monkeypatch):
     assert x.grad is not None
 
 
+def test_dtype_probe_times_at_most_128_rows(tiny_llama, monkeypatch):
+    """A batch of 2**63 - 1 rows (the largest count the flags take) is timed at 128 rows, not allocated."""
+    model, _ = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    shapes = []
+    monkeypatch.setattr(model, "forward", lambda tokens: shapes.append(tuple(tokens.shape)))
+    common.probe_cpu_dtype(model, rows=2**63 - 1)
+    assert shapes and set(shapes) == {(128, 1)}
+
+
 def test_dtype_probe_picks_the_faster(tiny_llama, monkeypatch):
     """The probe keeps whichever dtype its clock says is faster."""
     model, _ = m.load(tiny_llama, dtype=torch.float32, device="cpu")
