@@ -72,14 +72,19 @@ def main(argv=None):
     if args.export and (args.mode not in ("expert", "fewshot") or args.lora):
         p.error("--export writes one set of merged weights: give --mode expert or fewshot, without --lora "
                 "(prompt and cls choose weights per prompt)")
+    label = args.mode + ("+lora" if args.lora else "")
+    # The report is written at the end: a path it cannot go to must stop the run now, not then.
+    default_out = Path(f"runs/adapt-{label}-{args.task}.json")
+    try:
+        out = common.check_writable_file(args.out or default_out, example_name=default_out.name)
+    except ValueError as error:
+        p.error(f"--out: {error}")
 
     task = tasks.get(args.task)
     split = args.split or DEFAULT_SPLIT.get(args.task, "test")
     # The shots are drawn (and left out of the score) in every mode, so rows of different modes score the same prompts.
     shots, scored, shot_split = dispatch.shots_and_scored(task, split, args.shots, args.seed, args.limit)
     threads = common.set_threads(args.threads)
-    label = args.mode + ("+lora" if args.lora else "")
-    out = Path(args.out or f"runs/adapt-{label}-{args.task}.json")
     print("config: " + json.dumps({**vars(args), "split": split, "scored": len(scored), "shots_from": shot_split, "threads": threads}))
 
     # The dtype probe times the rows generation will really run: no more than the prompts of one pass.

@@ -394,6 +394,36 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def check_writable_file(path, example_name: str = "results.json") -> Path:
+    """`path` as a Path, once it is clear that atomic_path can write a file there: not a directory, and its
+    directory exists, or can be made, in a place this process may write to. Called before a long run, so a
+    bad path stops it at once instead of losing its results at the end. Raises ValueError naming the path;
+    example_name is the file name suggested when a directory is given."""
+    text = str(path)
+    path = Path(path)
+    if path.is_dir() or text.endswith(os.sep):
+        raise ValueError(f"{text} is a directory; give a file name, e.g. {path / example_name}")
+    # The nearest directory that exists: atomic_path makes the missing ones below it.
+    folder = path.parent
+    while not folder.exists():
+        if folder.is_symlink():  # a dangling link: making the directory would fail on it
+            raise ValueError(f"cannot write {path}: {folder} is a symbolic link to {os.readlink(folder)}, which does "
+                             f"not exist; create that directory or give another path")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a directory; give another path")
+    # Only creating a file proves it can be created (a read-only filesystem, permissions, ACLs): make one
+    # the way atomic_path does, then delete it.
+    probe = folder / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.check"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {folder} does not let this process create files there "
+                         f"({error.strerror}); give a path in a writable directory") from error
+    return path
+
+
 def permissions_as_created(path: Path):
     """Give a file the permissions open() gives a new one (0666 less the umask): safetensors writes its
     files private (0600), and a model or expert written here is meant to be read by others."""

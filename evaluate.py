@@ -130,6 +130,12 @@ def main():
     args = parser.parse_args()
     if args.lora and args.expert:
         parser.error("give --expert (SVF) or --lora, not both")
+    # The records are written at the end: a path they cannot go to must stop the run now, not then.
+    default = default_out(args)
+    try:
+        out = common.check_writable_file(args.out or default, example_name=default.name)
+    except ValueError as error:
+        parser.error(f"--out: {error}")
     if args.expert:  # a file, or one on the Hugging Face hub
         args.expert_given = args.expert
         expert = common.resolve_experts(args.expert)
@@ -151,7 +157,6 @@ def main():
         options["strict"] = (args.label_rule or trained_rule or "lenient") == "strict"
     task = tasks.get(args.task, **options)
     examples = task.load(args.split)[: args.limit]
-    out = Path(args.out) if args.out else default_out(args)
     threads = common.set_threads(args.threads)
     config = {**vars(args), "threads": threads, "examples": len(examples),
               "max_new_tokens": args.max_new_tokens or task.max_new_tokens}

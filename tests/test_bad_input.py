@@ -1,6 +1,7 @@
 """Bad input stops with a clear error that names what is wrong, never a silent wrong run: command-line
 values out of range, adapter files holding NaN or inf, and damaged model and data files."""
 
+import errno
 import gzip
 import os
 import shutil
@@ -160,6 +161,76 @@ def test_dtype_probe_rows_are_the_rows_that_will_run(monkeypatch, script, argv):
     with pytest.raises(ModelLoaded):
         script.main()
     assert calls[0]["probe_rows"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# --out: a path the results cannot be written to stops evaluate.py and adapt.py before the model loads
+
+
+def bad_outs(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("a file\n")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing" / "folder")
+    return {  # --out: what the error must name
+        "a directory": (tmp_path / "folder", [str(tmp_path / "folder"), "is a directory", "give a file name"]),
+        "a new directory": (f"{tmp_path / 'new'}/", [str(tmp_path / "new"), "is a directory", "give a file name"]),
+        "under a file": (tmp_path / "file" / "r.json", [str(tmp_path / "file"), "is a file, not a directory"]),
+        "under a dangling link": (tmp_path / "dangling" / "r.json",
+                                  [str(tmp_path / "dangling"), str(tmp_path / "missing" / "folder"), "does not exist"]),
+        "in /proc": ("/proc/t2-records.json", ["/proc/t2-records.json", "does not let this process create files"]),
+    }
+
+
+BAD_OUTS = ["a directory", "a new directory", "under a file", "under a dangling link", "in /proc"]
+
+
+@pytest.mark.parametrize("script, base", [(evaluate, ["evaluate.py", *EVALUATE]), (adapt, ["adapt.py", *ADAPT])],
+                         ids=["evaluate", "adapt"])
+@pytest.mark.parametrize("case", BAD_OUTS)
+def test_unwritable_out_stops_before_the_model_loads(tmp_path, monkeypatch, capsys, script, base, case):
+    out, named = bad_outs(tmp_path)[case]
+    before = sorted(tmp_path.rglob("*"))
+    calls = capture_load(monkeypatch)
+    monkeypatch.setattr(sys, "argv", [*base, "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        script.main()
+    assert stopped.value.code == 2 and calls == []
+    err = capsys.readouterr().err
+    assert "--out" in err and all(text in err for text in named), err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing made or left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a folder without write permission")
+def test_out_in_a_folder_without_write_permission_is_refused(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="Permission denied") as refused:
+            common.check_writable_file(folder / "r.jsonl")
+        assert str(folder / "r.jsonl") in str(refused.value)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_out_on_a_read_only_filesystem_is_refused(tmp_path, monkeypatch):
+    """A read-only mount answers EROFS to creating a file; the error names the path and the reason."""
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    with monkeypatch.context() as patch, pytest.raises(ValueError) as refused:
+        patch.setattr(common.os, "open", read_only)
+        common.check_writable_file(tmp_path / "ro" / "r.jsonl")
+    assert str(tmp_path / "ro" / "r.jsonl") in str(refused.value) and "Read-only file system" in str(refused.value)
+
+
+def test_writable_out_is_accepted_and_nothing_is_made_yet(tmp_path):
+    """A new file, also under directories still to be made (atomic_path makes them at the end)."""
+    for out in (tmp_path / "r.jsonl", tmp_path / "runs" / "deeper" / "r.jsonl"):
+        assert common.check_writable_file(str(out)) == out
+    (tmp_path / "old.jsonl").write_text("earlier\n")
+    assert common.check_writable_file(tmp_path / "old.jsonl") == tmp_path / "old.jsonl"  # an explicit --out is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl"]
 
 
 # ----------------------------------------------------------------------------------------------
