@@ -10,32 +10,76 @@ command that made it. `--dry-run` prints the card and uploads nothing.
 """
 
 import argparse
+import html
 import json
+import re
 import sys
 from pathlib import Path
 
 import dispatch
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether text is a hub repository id of the form owner/name, by huggingface_hub's own rules (letters,
+    digits, '-', '_', '.', no '..' or '--', at most 96 characters)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1  # validate_repo_id also takes a bare name; the card's commands need owner/name
+
+
+def repo_id(text: str) -> str:
+    """argparse type for --repo: a hub repository id, owner/name."""
+    if not is_repo_id(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hugging Face hub repository id: give owner/name "
+                                         f"(letters, digits, '-', '_', '.'), e.g. you/smollm2-135m-svf-experts")
+    return text
+
+
+def markdown_text(value) -> str:
+    """Metadata as text on one line of a Markdown card: whitespace (newlines included, which would end a
+    table row or start a heading) collapsed to single spaces, <, > and & as entities (no HTML gets in),
+    and | escaped (Markdown tables split cells at every unescaped |)."""
+    return html.escape(" ".join(str(value).split()), quote=False).replace("|", "\\|")
+
+
+def markdown_code(value) -> str:
+    """Metadata as inline code in a card's table: on one line, the fence longer than any run of backticks
+    inside it, and | escaped (GitHub-flavoured Markdown splits table cells at | even inside code)."""
+    text = " ".join(str(value).split())
+    if not text:
+        return ""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+
+
 def model_card(experts: dict[str, tuple[dict, dict]], repo: str) -> str:
+    """The repository's README.md. The YAML front matter holds only fixed lines and a base_model that is a
+    valid hub id; every metadata value in the text goes through markdown_text or markdown_code, so a
+    metadata value cannot add front-matter keys, lines or table rows."""
     metas = [meta for _, meta in experts.values()]
     base_models = sorted({meta.get("base_model", "unknown") for meta in metas})
     fingerprints = sorted({meta.get("sigma_fingerprint", "unknown") for meta in metas})
-    meta = metas[0]
+    bases, meta = markdown_text(", ".join(base_models)), metas[0]
     lines = [
         "---", "library_name: transformer2-svf", "tags: [svf, transformer2, self-adaptive]",
-        *(f"base_model: {b}" for b in base_models[:1] if b != "unknown"), "---", "",
-        f"# SVF experts for {', '.join(base_models)}", "",
+        *(f"base_model: {b}" for b in base_models[:1] if is_repo_id(b)), "---", "",
+        f"# SVF experts for {bases}", "",
         "Expert vectors z of Transformer² (arXiv 2501.06252): each rescales the singular values of the "
-        f"{meta.get('targets', '?')} matrices of the base model ({meta.get('param', '?')} parametrization), "
-        "W' = U diag(σ') Vᵀ.", "",
-        f"Base model: {', '.join(base_models)}. σ fingerprint: {', '.join(fingerprints)} (an expert fits only a "
+        f"{markdown_text(meta.get('targets', '?'))} matrices of the base model ({markdown_text(meta.get('param', '?'))} "
+        "parametrization), W' = U diag(σ') Vᵀ.", "",
+        f"Base model: {bases}. σ fingerprint: {markdown_text(', '.join(fingerprints))} (an expert fits only a "
         "model with these singular values).", "",
         "| file | task | category | validation accuracy | command |", "|---|---|---|---|---|",
     ]
     for name, (z, meta) in sorted(experts.items()):
-        lines.append(f"| {meta.get('file', name)} | {meta.get('task', '')} | {name} | {meta.get('valid_accuracy', '')} "
-                     f"| `{meta.get('command', '')}` |")
+        cells = [markdown_text(v) for v in (meta.get("file", name), meta.get("task", ""), name, meta.get("valid_accuracy", ""))]
+        lines.append(f"| {' | '.join(cells)} | {markdown_code(meta.get('command', ''))} |")
     lines += ["", "Use them with the project's scripts:", "", "```bash",
               f"python adapt.py --mode fewshot --task arc_challenge --experts {repo}",
               f"python evaluate.py --task gsm8k --expert {repo}/math.safetensors", "```", ""]
@@ -45,7 +89,7 @@ def model_card(experts: dict[str, tuple[dict, dict]], repo: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", default="experts", help="the folder of expert files to upload")
-    p.add_argument("--repo", required=True, help="the hub repository to create or update, org/name")
+    p.add_argument("--repo", required=True, type=repo_id, help="the hub repository to create or update, org/name")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the model card and upload nothing")
     args = p.parse_args(argv)
