@@ -433,12 +433,30 @@ def permissions_as_created(path: Path):
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
+def atomic_folder(path, replaceable=lambda folder: True):
     """Yield a hidden sibling folder to fill; when the block ends without an error it takes the place of
-    `path` (an old folder there is moved aside, then deleted), so an interrupted write never leaves a
-    folder that looks complete but is not. os.replace cannot rename over a non-empty folder, hence the
-    move aside. Its files get the permissions open() would give them, as with atomic_path."""
-    path = Path(path)
+    `path`, so an interrupted write never leaves a folder that looks complete but is not. A folder already
+    at `path` is moved aside, then deleted (os.replace cannot rename over a non-empty folder), so it is
+    replaced only when it is empty or replaceable(path) is true: a caller that writes where a user's files
+    may be (export.py) passes a test that recognises its own earlier output, and nothing else is deleted.
+    Refused before the block runs, and again just before the swap: a path that is a file, a non-empty
+    folder replaceable() rejects, the current folder or one holding it. Its files get the permissions
+    open() would give them, as with atomic_path."""
+    # The real path: "." or ".." is no name a folder can be renamed from, and through a symbolic link the
+    # folder it points to is replaced, the link kept.
+    path = Path(os.path.realpath(path))
+
+    def refuse_what_it_must_not_replace():
+        if Path.cwd().resolve().is_relative_to(path):
+            raise ValueError(f"{path} is the current folder or holds it, so it cannot be replaced; give a new "
+                             f"folder, e.g. {path / 'exported'}")
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file, not a folder; give a new folder's path")
+        if path.is_dir() and any(path.iterdir()) and not replaceable(path):
+            raise FileExistsError(f"{path} already holds files that this would delete; give a new or empty folder, "
+                                  f"or move those files away first")
+
+    refuse_what_it_must_not_replace()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run that had this process id
@@ -448,6 +466,7 @@ def atomic_folder(path):
         for file in partial.rglob("*"):
             if file.is_file():
                 permissions_as_created(file)
+        refuse_what_it_must_not_replace()  # something may have appeared at path while the block ran
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.replace(path, old)

@@ -10,11 +10,16 @@ model.safetensors in the source checkpoint's dtype and tensor names (tied embedd
 output matrix is not written twice), and a README.md saying what was merged. W' = U diag(σ') Vᵀ is
 computed in fp32 and cast once at the end. An SVF update changes every singular value of a matrix, so
 it is full-rank: it cannot be written as a LoRA adapter without loss, hence a whole model.
+
+--out is a new or empty folder, or an earlier export, which is replaced; a folder holding anything else
+is refused before the model loads, never deleted.
 """
 
 import argparse
 import contextlib
 import json
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,11 +30,50 @@ import torch
 import common
 import dispatch
 import model as m
+import share
 import svf as svf_lib
 
 ROOT = Path(__file__).resolve().parent
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+CARD_MARK = "Written by `export.py`"  # in every card model_card writes: how previous_export knows its own folders
+
+
+def previous_export(folder: Path) -> bool:
+    """Whether folder holds an earlier export and nothing else: only files export writes (model.safetensors,
+    README.md, the copied source files, GGUF files written inside it), and its README.md is model_card's.
+    Only such a folder is replaced; anything else there may be someone's work and is never deleted."""
+    folder = Path(folder)
+    ours = {"model.safetensors", "README.md", *COPIED}
+    if not all(p.is_file() and not p.is_symlink() and (p.name in ours or p.suffix == ".gguf") for p in folder.iterdir()):
+        return False
+    readme = folder / "README.md"
+    return readme.is_file() and CARD_MARK in readme.read_text(encoding="utf-8", errors="replace")
+
+
+def check_destination(out: Path, gguf_path: Path | None = None):
+    """Refuse, before any work, an out folder export must not write: the current folder (or one holding it),
+    a file, or a folder with anything but a previous export in it (previous_export); and a gguf_path that
+    is a folder, the out folder itself, or an existing file that is not a GGUF. Raises ValueError or
+    FileExistsError naming the path and saying what to do."""
+    out = Path(os.path.realpath(out))  # as common.atomic_folder sees it: "." is the current folder
+    if Path.cwd().resolve().is_relative_to(out):
+        raise ValueError(f"--out {out} is the current folder or holds it; export writes a whole folder and "
+                         f"replaces it, so give a new folder, e.g. --out {out / 'exported'}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a new folder's path")
+    if out.is_dir() and any(out.iterdir()) and not previous_export(out):
+        raise FileExistsError(f"--out {out} already holds files that are not an earlier export (export replaces "
+                              f"its folder and would delete them); give a new or empty folder, or move them away")
+    if gguf_path is None:
+        return
+    gguf_path = Path(os.path.realpath(gguf_path))
+    if gguf_path == out or gguf_path.is_dir():
+        raise ValueError(f"--gguf {gguf_path} is a folder; give a file path, e.g. --gguf {out / 'model.gguf'}")
+    if gguf_path.exists():
+        with open(gguf_path, "rb") as f:
+            if f.read(4) != b"GGUF":  # every GGUF file starts with these bytes
+                raise FileExistsError(f"--gguf {gguf_path} exists and is not a GGUF file; give a new file path")
 
 
 def source_dtype(folder: Path) -> torch.dtype:
@@ -63,21 +107,38 @@ def merged_weights(model: m.Transformer, adapter: svf_lib.SVF | None, dtype: tor
 
 def export(model: m.Transformer, adapter: svf_lib.SVF | None, source: Path, out: Path, card: str,
            gguf_path: Path | None = None, gguf_dtype: str = "f16") -> Path:
-    """Write the merged model to out (replaced if it exists), built in a hidden sibling folder and renamed
-    into place, so an interrupted export never leaves a folder that looks complete; and to a GGUF file
-    at gguf_path if given."""
+    """Write the merged model to out, a new or empty folder or a previous export (check_destination), built
+    in a hidden sibling folder and renamed into place, so an interrupted export never leaves a folder that
+    looks complete; and to a GGUF file at gguf_path if given. A gguf_path inside out is written into the
+    new folder before it takes out's place (written beside it first, the swap would delete it). Nothing is
+    written when a merged weight is not finite."""
     from safetensors.torch import save_file
 
     out = Path(out)
+    check_destination(out, gguf_path)
     tensors = merged_weights(model, adapter, source_dtype(source))
+    # A z or mixture weight large enough overflows W' = U diag(σ') Vᵀ (or its cast to the source dtype) to inf or
+    # NaN; such a model answers nothing, so it is not written.
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"the merged weights are not finite ({bad[0]} and {len(bad) - 1} more tensors hold inf or NaN): "
+                         f"the expert or mixture scales the singular values past what {tensors[bad[0]].dtype} holds. "
+                         f"Nothing was written; use smaller --alpha weights or another expert")
+    inside = None
     if gguf_path is not None:
-        write_gguf(tensors, model.args, source, gguf_path, gguf_dtype, name=f"{source.name} (SVF merged)")
-    with common.atomic_folder(out) as partial:
+        gguf_path = Path(os.path.realpath(gguf_path))
+        if gguf_path.is_relative_to(os.path.realpath(out)):
+            inside = gguf_path.relative_to(os.path.realpath(out))
+        else:
+            write_gguf(tensors, model.args, source, gguf_path, gguf_dtype, name=f"{source.name} (SVF merged)")
+    with common.atomic_folder(out, replaceable=previous_export) as partial:
         save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
         for name in COPIED:
             if (source / name).exists():
                 shutil.copy2(source / name, partial / name)
         (partial / "README.md").write_text(card)
+        if inside is not None:
+            write_gguf(tensors, model.args, source, partial / inside, gguf_dtype, name=f"{source.name} (SVF merged)")
     return out
 
 
@@ -201,13 +262,14 @@ def write_gguf(tensors: dict[str, torch.Tensor], args: m.ModelArgs, source: Path
 def model_card(base_model: str, merged: str, experts: dict[str, dict]) -> str:
     """The exported folder's README.md: the base model, what was merged, and each expert's metadata
     ({name: metadata}, as dispatch.load_experts gives them)."""
-    lines = [f"# {base_model} with SVF experts merged", "",
-             f"Base model: `{base_model}`. Merged: {merged}. Written by `export.py` (Transformer², arXiv 2501.06252):",
+    lines = [f"# {share.markdown_text(base_model)} with SVF experts merged", "",
+             f"Base model: {share.markdown_code(base_model)}. Merged: {merged}. {CARD_MARK} (Transformer², arXiv 2501.06252):",
              "each adapted matrix is W' = U diag(σ') Vᵀ with its singular values rescaled by the expert's z.", "",
              "| expert (category) | file | task | parametrization | targets | command |", "|---|---|---|---|---|---|"]
-    for name, meta in experts.items():  # named by dispatch.expert_name
-        lines.append(f"| {name} | {meta.get('file', '')} | {meta.get('task', '')} | {meta.get('param', '')} "
-                     f"| {meta.get('targets', '')} | `{meta.get('command', '')}` |")
+    for name, meta in experts.items():  # named by dispatch.expert_name; metadata escaped as in share.py's card
+        cells = [share.markdown_text(v) for v in (name, meta.get("file", ""), meta.get("task", ""), meta.get("param", ""),
+                                                  meta.get("targets", ""))]
+        lines.append(f"| {' | '.join(cells)} | {share.markdown_code(meta.get('command', ''))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,11 +279,32 @@ def mixture_text(alpha: dict[str, float]) -> str:
 
 
 def parse_alpha(text: str) -> dict[str, float]:
-    """--alpha code=0.2,math=0.3: one weight per expert name."""
-    try:
-        return {name.strip(): float(value) for name, value in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=WEIGHT pairs, e.g. code=0.2,math=0.8") from None
+    """--alpha code=0.2,math=0.3: one weight per expert name, each finite and >= 0, at least one > 0.
+    Negative weights are refused because the mask mixture divides by Σα and maps the mixed mask back
+    through a logit, which needs it inside (0, 1); an all-zero α has no Σα to divide by (and under
+    scale merges W' = 0); NaN or inf reaches every adapted weight."""
+    alpha = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or not name or weight is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: give NAME=WEIGHT pairs, e.g. code=0.2,math=0.8")
+        if name in alpha:
+            raise argparse.ArgumentTypeError(f"{text!r} gives {name!r} twice; give each expert one weight")
+        if not math.isfinite(weight) or weight < 0:
+            raise argparse.ArgumentTypeError(f"{name}={value.strip()}: a weight must be a finite number >= 0, "
+                                             f"e.g. code=0.2,math=0.8")
+        alpha[name] = weight
+    if not any(alpha.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight is 0, which merges no expert; give at least one weight > 0")
+    if not math.isfinite(sum(alpha.values())):
+        raise argparse.ArgumentTypeError(f"{text!r}: the weights sum past the largest float; give weights of a sensible "
+                                         f"size, e.g. code=0.2,math=0.8")
+    return alpha
 
 
 def main(argv=None):
@@ -231,14 +314,20 @@ def main(argv=None):
     which.add_argument("--experts", help="a folder of experts, mixed with --alpha")
     p.add_argument("--alpha", type=parse_alpha, help="with --experts: weights per expert name, e.g. code=0.2,math=0.8")
     p.add_argument("--model", default=m.DEFAULT_MODEL)
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
-    p.add_argument("--gguf", default=None, metavar="FILE", help="also write a GGUF file for llama.cpp / Ollama")
+    p.add_argument("--out", required=True,
+                   help="folder to write: a new or empty one, or an earlier export, which is replaced")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="also write a GGUF file for llama.cpp / Ollama (it may be inside --out)")
     p.add_argument("--gguf-dtype", choices=GGUF_TYPES, default="f16",
                    help="the GGUF's weight type (quantising further is llama.cpp's llama-quantize)")
     p.add_argument("--threads", type=common.positive_int, default=None)
     args = p.parse_args(argv)
     if args.experts and not args.alpha:
         p.error("--experts needs --alpha (the weight of each expert in the mixture)")
+    try:  # before the model loads: a bad --out or --gguf costs nothing
+        check_destination(Path(args.out), args.gguf and Path(args.gguf))
+    except (ValueError, OSError) as error:
+        p.error(str(error))
     common.set_threads(args.threads)
     source = common.resolve(args.model)
     model, _ = m.load(source, dtype=torch.float32, device="cpu")  # W' in fp32, cast once when written

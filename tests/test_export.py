@@ -191,3 +191,163 @@ def test_default_model_gguf_through_transformers(tmp_path):
     with torch.no_grad():
         theirs = hf(tokens).logits
     assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+# ---- Where export writes: a new or empty folder, or an earlier export; someone's folder, the current folder or
+# a non-finite model never. Checked before the model loads.
+
+
+def no_model_load(monkeypatch):
+    """Make a model load fail the test: what is refused must be refused before any work."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded before the command line was checked")
+
+    monkeypatch.setattr(m, "load", load)
+
+
+@pytest.fixture
+def experts_of_a_tiny_model(tmp_path):
+    """A tiny Llama with a byte-level BPE tokenizer (GGUF export needs one) and two scale experts of it:
+    (source folder, experts folder)."""
+    source = tmp_path / "source"
+    tiny_hf_model("llama", source)
+    bpe_tokenizer(source, 96)
+    model, _ = m.load(source, dtype=torch.float32, device="cpu")
+    for seed, (task, category) in enumerate([("gsm8k", "math"), ("mbpp", "code")]):
+        random_expert(model, tmp_path / "experts" / f"{task}.safetensors", targets="mlp", seed=seed, task=task,
+                      category=category).remove()
+    return source, tmp_path / "experts"
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_keeps_a_folder_of_someone_elses_files(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys):
+    """--out runs, a folder holding notes and a run, is refused before the model loads; every file stays."""
+    source, experts = experts_of_a_tiny_model
+    runs = tmp_path / "runs"
+    (runs / "mbpp-run").mkdir(parents=True)
+    (runs / "NOTES.txt").write_text("notes")
+    (runs / "mbpp-run" / "expert.safetensors").write_bytes((experts / "mbpp.safetensors").read_bytes())
+    before = tree(runs)
+    (tmp_path / "a-file").write_text("mine")
+    no_model_load(monkeypatch)
+    for out, says in ((runs, "not an earlier export"), (tmp_path / "a-file", "is a file")):
+        with pytest.raises(SystemExit):
+            export.main(["--expert", str(experts / "gsm8k.safetensors"), "--model", str(source), "--out", str(out),
+                         "--threads", "1"])
+        err = capsys.readouterr().err
+        assert str(out) in err and says in err
+    assert tree(runs) == before and (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_export_function_keeps_someone_elses_folder(experts_of_a_tiny_model, tmp_path):
+    """export.export, which adapt.py --export calls after its run, refuses the same folder and deletes nothing."""
+    source, experts = experts_of_a_tiny_model
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my own model")  # an export's file name, but no export's card
+    model, _ = m.load(source, dtype=torch.float32, device="cpu")
+    adapter = svf_lib.apply_expert(model, experts / "gsm8k.safetensors", merge=False)
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        export.export(model, adapter, source, mine, export.model_card("tiny", "the expert", {}))
+    assert tree(mine) == {"model.safetensors": b"my own model"}
+
+
+def test_an_earlier_export_is_replaced_and_nothing_else(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys):
+    source, experts = experts_of_a_tiny_model
+    out, fresh = tmp_path / "exported", tmp_path / "fresh"
+
+    def export_expert(file, to):
+        export.main(["--expert", str(experts / file), "--model", str(source), "--out", str(to), "--threads", "1"])
+
+    export_expert("gsm8k.safetensors", out)
+    export_expert("mbpp.safetensors", out)  # replaces the earlier export
+    export_expert("mbpp.safetensors", fresh)
+    assert tree(out) == tree(fresh) and "| code | mbpp.safetensors | mbpp |" in (out / "README.md").read_text()
+    (out / "NOTES.txt").write_text("added by hand")  # now the folder is no longer only an export
+    before = tree(out)
+    no_model_load(monkeypatch)
+    with pytest.raises(SystemExit):
+        export_expert("gsm8k.safetensors", out)
+    assert "not an earlier export" in capsys.readouterr().err and tree(out) == before
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_export_to_the_current_folder_is_refused_clearly(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys, out):
+    """The current folder (empty here, so only its being the current folder is wrong) is refused with a message."""
+    source, experts = experts_of_a_tiny_model
+    here = tmp_path / "parent" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    no_model_load(monkeypatch)
+    with pytest.raises(SystemExit):
+        export.main(["--expert", str(experts / "gsm8k.safetensors"), "--model", str(source), "--out", out,
+                     "--threads", "1"])
+    assert "is the current folder or holds it" in capsys.readouterr().err
+    assert here.is_dir() and not list(here.iterdir()) and sorted(p.name for p in here.parent.iterdir()) == ["here"]
+
+
+def test_a_gguf_inside_the_out_folder_is_written_and_kept(experts_of_a_tiny_model, tmp_path, capsys):
+    """--out D --gguf D/model.gguf: both there after the command (twice: the second replaces the first export),
+    and the GGUF holds the folder's merged up_proj."""
+    import gguf
+
+    source, experts = experts_of_a_tiny_model
+    out = tmp_path / "exported"
+    for _ in range(2):
+        export.main(["--expert", str(experts / "gsm8k.safetensors"), "--model", str(source), "--out", str(out),
+                     "--gguf", str(out / "model.gguf"), "--gguf-dtype", "f32", "--threads", "1"])
+        assert f"wrote {out} and {out / 'model.gguf'}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                         "model.gguf", "model.safetensors", "tokenizer.json",
+                                                         "tokenizer_config.json"]
+    tensor = next(t for t in gguf.GGUFReader(out / "model.gguf").tensors if t.name == "blk.0.ffn_up.weight")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        up = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(torch.tensor(tensor.data.reshape(tuple(reversed(tensor.shape.tolist())))), up)
+
+
+@pytest.mark.parametrize("gguf, says", [("notes.txt", "is not a GGUF file"), ("exported", "is a folder"),
+                                        ("folder", "is a folder")])
+def test_a_gguf_path_that_is_not_a_gguf_file_is_refused(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys,
+                                                         gguf, says):
+    source, experts = experts_of_a_tiny_model
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "folder").mkdir()
+    no_model_load(monkeypatch)
+    with pytest.raises(SystemExit):
+        export.main(["--expert", str(experts / "gsm8k.safetensors"), "--model", str(source),
+                     "--out", str(tmp_path / "exported"), "--gguf", str(tmp_path / gguf), "--threads", "1"])
+    assert says in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("alpha, says", [
+    ("code=nan,math=1", "finite number >= 0"), ("code=inf,math=1", "finite number >= 0"),
+    ("code=-inf,math=1", "finite number >= 0"), ("code=1e308,math=1e308", "sum past the largest float"),
+    ("code=-1,math=1", "finite number >= 0"), ("code=0,math=0", "every weight is 0"), ("code=1,code=2", "'code' twice"),
+])
+def test_alpha_that_no_mixture_can_use_is_refused(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys, alpha, says):
+    source, experts = experts_of_a_tiny_model
+    no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        export.main(["--experts", str(experts), "--alpha", alpha, "--model", str(source), "--out", str(tmp_path / "a"),
+                     "--threads", "1"])
+    assert stopped.value.code == 2 and says in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_parse_alpha_reads_names_and_weights():
+    assert export.parse_alpha("code=0.2, math = 0.8,reasoning=0") == {"code": 0.2, "math": 0.8, "reasoning": 0.0}
+
+
+def test_non_finite_merged_weights_are_not_written(experts_of_a_tiny_model, tmp_path):
+    """code=1e308 is a finite --alpha, but mixed in fp32 it is inf, and so is every merged W'. Nothing is written:
+    no folder, no GGUF."""
+    source, experts = experts_of_a_tiny_model
+    with pytest.raises(ValueError, match="not finite.*Nothing was written"):
+        export.main(["--experts", str(experts), "--alpha", "code=1e308", "--model", str(source),
+                     "--out", str(tmp_path / "a"), "--gguf", str(tmp_path / "a.gguf"), "--threads", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "source"]
