@@ -138,6 +138,15 @@ def test_bad_t2_threads_names_the_variable(monkeypatch, value):
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("threads", [os.cpu_count() + 1, 10**22])
+def test_set_threads_refuses_more_threads_than_cpus(threads):
+    """A caller other than argparse (export.py takes --threads as any positive count) gets a clear error."""
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=f"from 1 to {os.cpu_count()}"):
+        common.set_threads(threads)
+    assert torch.get_num_threads() == before
+
+
 def capture_load(monkeypatch):
     """Replace model.load by one that records its keyword arguments, then stops the script."""
     calls = []
