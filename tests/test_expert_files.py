@@ -86,24 +86,22 @@ def test_adapt_names_a_classifier_with_malformed_categories(tiny_expert, tiny_ll
     assert "cls.safetensors" in str(refused.value)
 
 
-@pytest.mark.parametrize("param, value", [("scale", 1e30), ("scale", -1e30), ("scale", 10.5), ("mask", -1e30), ("mask", 31.0)])
-def test_huge_finite_z_is_refused(tmp_path, param, value):
-    """A finite z that overflows (scale) or underflows the mask to all zeros is refused like a NaN: the
-    bound is 10 for scale (σ' at most 10σ), 30 for mask."""
-    z = {name: torch.ones(8) for name in MATRICES}
-    z["layers.0.mlp.up_proj"][5] = value
-    path = hand_made_expert(tmp_path / "huge.safetensors", z=z, param=param)
-    with pytest.raises(ValueError) as refused:
-        svf.read_expert(path)
-    message = str(refused.value)
-    assert str(path) in message and "layers.0.mlp.up_proj" in message and "gate_proj" not in message
-
-
-@pytest.mark.parametrize("param, value", [("scale", 10.0), ("scale", -10.0), ("mask", -30.0)])
-def test_z_at_the_bound_loads(tmp_path, param, value):
-    z = {name: torch.full((8,), value) for name in MATRICES}
-    loaded, _ = svf.read_expert(hand_made_expert(tmp_path / "edge.safetensors", z=z, param=param))
-    assert all(torch.equal(loaded[name], torch.full((8,), value)) for name in MATRICES)
+@pytest.mark.parametrize("param, limit", [("scale", 10.0), ("mask", 30.0)])
+def test_huge_finite_z_is_refused(tmp_path, param, limit):
+    """A finite z that overflows W' (scale) or underflows the mask to all zeros is refused like a NaN. The
+    bound is |z| <= 10 for scale (σ' at most 10σ) and 30 for mask: a file at the bound loads as it is, one
+    just past it (or at ±1e30) is refused, naming the file and the vector."""
+    at_bound = {name: torch.full((8,), sign * limit) for name, sign in zip(MATRICES, (1, -1, 1))}
+    loaded, _ = svf.read_expert(hand_made_expert(tmp_path / "edge.safetensors", z=at_bound, param=param))
+    assert all(torch.equal(loaded[name], at_bound[name]) for name in MATRICES)
+    for value in (1.05 * limit, -1.05 * limit, 1e30, -1e30):
+        z = {name: torch.ones(8) for name in MATRICES}
+        z["layers.0.mlp.up_proj"][5] = value
+        path = hand_made_expert(tmp_path / "huge.safetensors", z=z, param=param)
+        with pytest.raises(ValueError) as refused:
+            svf.read_expert(path)
+        message = str(refused.value)
+        assert str(path) in message and "layers.0.mlp.up_proj" in message and "gate_proj" not in message
 
 
 def test_evaluate_refuses_a_scale_expert_of_huge_z(tiny_expert, tiny_llama, tmp_path, monkeypatch):

@@ -331,16 +331,14 @@ def test_a_gguf_path_that_is_not_a_gguf_file_is_refused(experts_of_a_tiny_model,
     ("code=-1,math=1", "finite number >= 0"), ("code=0,math=0", "every weight is 0"), ("code=1,code=2", "'code' twice"),
 ])
 def test_alpha_that_no_mixture_can_use_is_refused(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys, alpha, says):
+    """Refused by argparse (exit status 2) before the model loads; a valid --alpha still reads as given."""
+    assert export.parse_alpha("code=0.2, math = 0.8,reasoning=0") == {"code": 0.2, "math": 0.8, "reasoning": 0.0}
     source, experts = experts_of_a_tiny_model
     no_model_load(monkeypatch)
     with pytest.raises(SystemExit) as stopped:
         export.main(["--experts", str(experts), "--alpha", alpha, "--model", str(source), "--out", str(tmp_path / "a"),
                      "--threads", "1"])
     assert stopped.value.code == 2 and says in capsys.readouterr().err and not (tmp_path / "a").exists()
-
-
-def test_parse_alpha_reads_names_and_weights():
-    assert export.parse_alpha("code=0.2, math = 0.8,reasoning=0") == {"code": 0.2, "math": 0.8, "reasoning": 0.0}
 
 
 def test_non_finite_merged_weights_are_not_written(experts_of_a_tiny_model, tmp_path):
@@ -351,3 +349,34 @@ def test_non_finite_merged_weights_are_not_written(experts_of_a_tiny_model, tmp_
         export.main(["--experts", str(experts), "--alpha", "code=1e308", "--model", str(source),
                      "--out", str(tmp_path / "a"), "--gguf", str(tmp_path / "a.gguf"), "--threads", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "source"]
+
+
+def test_atomic_folder_replaces_only_what_its_caller_recognises(tmp_path):
+    """common.atomic_folder with a replaceable test: a folder it rejects is kept, whether it was there
+    before the block or appeared while the block ran; an empty folder or a recognised one is replaced."""
+    import common
+
+    def only_mine(folder):
+        return (folder / "mine").exists()
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "theirs.txt").write_text("theirs")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        with common.atomic_folder(kept, replaceable=only_mine) as partial:
+            raise AssertionError("the block ran")
+    late = tmp_path / "late"
+    with pytest.raises(FileExistsError, match="already holds files"):
+        with common.atomic_folder(late, replaceable=only_mine) as partial:
+            (partial / "mine").write_text("new")
+            late.mkdir()
+            (late / "theirs.txt").write_text("theirs")
+    for name in ("empty", "recognised"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "recognised" / "mine").write_text("old")
+    for name in ("empty", "recognised"):
+        with common.atomic_folder(tmp_path / name, replaceable=only_mine) as partial:
+            (partial / "mine").write_text("new")
+    assert (kept / "theirs.txt").read_text() == (late / "theirs.txt").read_text() == "theirs"
+    assert (tmp_path / "empty" / "mine").read_text() == (tmp_path / "recognised" / "mine").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept", "late", "recognised"]  # no partial left

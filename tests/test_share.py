@@ -61,14 +61,11 @@ def test_a_missing_key_names_the_file(tmp_path, key):
 @pytest.mark.parametrize("repo", ["../../etc/passwd", "org/..", "org/name/../name", "a/b/c", "name-only", "a b/c",
                                   "me/x\n---", "me/experts.git"])
 def test_repo_must_be_a_hub_id(tmp_path, capsys, repo):
-    expert(tmp_path / "experts" / "math.safetensors")
-    with pytest.raises(SystemExit) as stopped:
-        dry_run(tmp_path / "experts", repo)
-    assert stopped.value.code == 2 and "not a Hugging Face hub repository id" in capsys.readouterr().err
-
-
-def test_a_hub_id_is_taken_and_named_in_the_card(tmp_path):
+    """Checked with --dry-run too; a valid owner/name is taken and named in the card's commands."""
     expert(tmp_path / "experts" / "math.safetensors")
     card = dry_run(tmp_path / "experts", "me/smollm2.svf-experts_1")
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---" in card
     assert "python adapt.py --mode fewshot --task arc_challenge --experts me/smollm2.svf-experts_1\n" in card
+    with pytest.raises(SystemExit) as stopped:
+        dry_run(tmp_path / "experts", repo)
+    assert stopped.value.code == 2 and "not a Hugging Face hub repository id" in capsys.readouterr().err
