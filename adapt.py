@@ -72,6 +72,13 @@ def main(argv=None):
     if args.export and (args.mode not in ("expert", "fewshot") or args.lora):
         p.error("--export writes one set of merged weights: give --mode expert or fewshot, without --lora "
                 "(prompt and cls choose weights per prompt)")
+    if args.export:  # a folder export.py must not replace stops the run now, not after it
+        import export
+
+        try:
+            export.check_destination(Path(args.export), out_flag="--export")
+        except (ValueError, OSError) as error:
+            p.error(str(error))
     label = args.mode + ("+lora" if args.lora else "")
     # The report is written at the end: a path it cannot go to must stop the run now, not then.
     default_out = Path(f"runs/adapt-{label}-{args.task}.json")

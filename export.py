@@ -51,19 +51,19 @@ def previous_export(folder: Path) -> bool:
     return readme.is_file() and CARD_MARK in readme.read_text(encoding="utf-8", errors="replace")
 
 
-def check_destination(out: Path, gguf_path: Path | None = None):
+def check_destination(out: Path, gguf_path: Path | None = None, out_flag: str = "--out"):
     """Refuse, before any work, an out folder export must not write: the current folder (or one holding it),
     a file, or a folder with anything but a previous export in it (previous_export); and a gguf_path that
     is a folder, the out folder itself, or an existing file that is not a GGUF. Raises ValueError or
-    FileExistsError naming the path and saying what to do."""
+    FileExistsError naming the path (as out_flag: adapt.py's is --export) and saying what to do."""
     out = Path(os.path.realpath(out))  # as common.atomic_folder sees it: "." is the current folder
     if Path.cwd().resolve().is_relative_to(out):
-        raise ValueError(f"--out {out} is the current folder or holds it; export writes a whole folder and "
-                         f"replaces it, so give a new folder, e.g. --out {out / 'exported'}")
+        raise ValueError(f"{out_flag} {out} is the current folder or holds it; export writes a whole folder and "
+                         f"replaces it, so give a new folder, e.g. {out_flag} {out / 'exported'}")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a new folder's path")
+        raise FileExistsError(f"{out_flag} {out} is a file; give a new folder's path")
     if out.is_dir() and any(out.iterdir()) and not previous_export(out):
-        raise FileExistsError(f"--out {out} already holds files that are not an earlier export (export replaces "
+        raise FileExistsError(f"{out_flag} {out} already holds files that are not an earlier export (export replaces "
                               f"its folder and would delete them); give a new or empty folder, or move them away")
     if gguf_path is None:
         return

@@ -256,6 +256,22 @@ def test_export_function_keeps_someone_elses_folder(experts_of_a_tiny_model, tmp
     assert tree(mine) == {"model.safetensors": b"my own model"}
 
 
+def test_adapt_export_into_someone_elses_folder_stops_before_the_run(tmp_path, monkeypatch, capsys):
+    """adapt.py --export DIR checks DIR as export.py checks --out, before its model loads, not after the run."""
+    import adapt
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "NOTES.txt").write_text("notes")
+    no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        adapt.main(["--mode", "expert", "--expert-name", "math", "--task", "gsm8k", "--limit", "1", "--threads", "1",
+                    "--out", str(tmp_path / "report.json"), "--export", str(runs)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"--export {runs} already holds files that are not an earlier export" in err
+    assert tree(runs) == {"NOTES.txt": b"notes"}
+
+
 def test_an_earlier_export_is_replaced_and_nothing_else(experts_of_a_tiny_model, tmp_path, monkeypatch, capsys):
     source, experts = experts_of_a_tiny_model
     out, fresh = tmp_path / "exported", tmp_path / "fresh"
