@@ -366,7 +366,8 @@ def set_threads(threads: int | None = None) -> int:
             raise ValueError(f"T2_THREADS={value!r} is not a thread count: set it to a whole number from 1 to "
                              f"{max_threads()} (this machine's CPUs), or to 0 or unset it to use the cores free now") from None
     elif not 1 <= threads <= max_threads():  # callers other than argparse (export.py, tests)
-        raise ValueError(f"{threads} threads: give a whole number from 1 to {max_threads()} (the machine's CPUs)")
+        raise ValueError(f"{threads} threads asked for (--threads): give a whole number from 1 to {max_threads()} "
+                         f"(this machine's CPUs)")
     threads = threads or free_cores()
     torch.set_num_threads(threads)
     return threads

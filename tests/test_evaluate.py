@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_command_line_end_to_end(tmp_path):
     out = tmp_path / "eval.jsonl"
     run = subprocess.run(
         [sys.executable, "evaluate.py", "--task", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
-         "--out", str(out), "--threads", "2"],
+         "--out", str(out), "--threads", str(min(2, os.cpu_count()))],  # --threads takes at most the CPUs
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
