@@ -207,6 +207,30 @@ def policy_loss(logp, kl, mask, advantages, kl_coef: float):
     return pg + kl_coef * kl_mean, pg.detach(), kl_mean.detach()
 
 
+class Diverged(ArithmeticError):
+    """A step whose loss, gradient or updated parameters are not finite (inf or NaN): too large a learning
+    rate or KL weight. AdamW and clipping cannot recover from it (a NaN spreads through the moments to every
+    later update), so training stops rather than save a non-finite z."""
+
+
+def check_finite(values: dict):
+    """Stop before the update when the loss or the gradient norm is not finite. The numbers are sums
+    over the processes (NaN and inf survive a sum), so every process stops at the same step."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        shown = ", ".join(f"{name} {value}" for name, value in bad.items())
+        raise Diverged(f"the loss or its gradient is not finite ({shown})")
+
+
+@torch.no_grad()
+def check_finite_parameters(parameters):
+    """Stop when an update made a trained parameter infinite or NaN: with a huge learning rate AdamW's
+    first step alone moves each parameter by about the learning rate. Every process took the same update."""
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in parameters)
+    if bad:
+        raise Diverged(f"the update made {bad} trained values non-finite (inf or NaN)")
+
+
 def make_optimizer(parameters, lr: float, total_steps: int):
     """AdamW with cosine decay to 0 (the paper). No weight decay: it would pull z towards 0, and for the
     scale parametrization z = 0 is a zero matrix, not a neutral one."""
@@ -241,11 +265,13 @@ def train_step(model, svf, rollouts: Rollouts, optimizer, scheduler, baseline: s
             kl_values.append(kl_mean.item())
     sum_gradients(svf.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(svf.parameters(), clip).item()
-    optimizer.step()
-    scheduler.step()
     reward, correct, pg, kl, processes, equal, groups = all_reduce_sum(
         [rollouts.rewards.sum().item(), sum(rollouts.correct), pg_total, sum(kl_values) / len(kl_values), 1,
          rollouts.equal_groups(), len(rollouts.prompts) // rollouts.group_size]).tolist()
+    check_finite(dict(policy_loss=pg, kl=kl, grad_norm=grad_norm))
+    optimizer.step()
+    scheduler.step()
+    check_finite_parameters(svf.parameters())
     stats = dict(reward=reward / B, accuracy=correct / B, pg_loss=pg, kl=kl / processes, grad_norm=grad_norm,
                  lr=scheduler.get_last_lr()[0])
     if rollouts.group_size > 1:
@@ -270,6 +296,9 @@ def nexttoken_step(model, adapter, tokenizer, task, examples, optimizer, schedul
         total += loss.item()
     sum_gradients(adapter.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip).item()
+    nll = all_reduce_sum(total).item()
+    check_finite(dict(nll=nll, grad_norm=grad_norm))
     optimizer.step()
     scheduler.step()
-    return dict(nll=all_reduce_sum(total).item(), grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
+    check_finite_parameters(adapter.parameters())
+    return dict(nll=nll, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
