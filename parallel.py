@@ -54,14 +54,14 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
-def evaluate_split(model, tokenizer, adapter, task, examples, config, adapted=True):
+def evaluate_split(model, tokenizer, adapter, task, examples, config, adapted=True, progress=False):
     """evaluate.evaluate on this process's share of the examples; the records of all processes are
-    gathered back into the examples' order."""
+    gathered back into the examples' order. progress: a progress bar (give it to one process only)."""
     rank, world = rank_and_world()
     context = adapter.merged() if adapted else adapter.disabled()
     with context:
         result = evaluate.evaluate(model, tokenizer, task, examples[rank::world], batch_size=config["gen_batch"] * 2,
-                                   max_new_tokens=config["max_new_tokens"], progress=False)
+                                   max_new_tokens=config["max_new_tokens"], progress=progress)
     if world == 1:
         return result
     parts = [None] * world
