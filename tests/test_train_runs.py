@@ -303,11 +303,13 @@ def test_group_run_logs_equal_groups_and_resumes_an_older_checkpoint(run, tmp_pa
     steps = [r for r in records(out) if "reward" in r]
     assert len(steps) == 2 and all(0 <= r["equal_groups"] <= 1 for r in steps)
     old = tmp_path / "old"
-    run(old, "--steps", "2")
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt(patch, reinforce, "train_step", on_call=2)  # a checkpoint of step 1 of 2, to continue
+        with pytest.raises(SystemExit):
+            run(old, "--steps", "2")
     state = torch.load(old / "checkpoint.pt", weights_only=True)
     for key in ("samples", "scale_by_std", "shuffle_options"):
         del state["config"][key]
-    state["step"] = 1
     torch.save(state, old / "checkpoint.pt")
     run(old, "--steps", "2", "--resume")
 
