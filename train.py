@@ -9,7 +9,8 @@ validation accuracy (the paper's early stopping), and evaluates that expert and 
 test split at the end. Writes to --out: config.json, metrics.jsonl, checkpoint.pt (atomic, after every
 step; --resume continues from it, with the run's settings), expert.safetensors (the best z, with its
 metadata and command), and learning_curve.png when matplotlib is installed. A folder that holds a run is
-not started over without --overwrite.
+not started over without --overwrite, and a folder another run is writing is refused (.train.lock). A run
+whose loss, gradient or z becomes non-finite stops there, before it saves anything non-finite.
 
 Data parallel over several GPUs (or CPU processes) with torchrun:
 
@@ -274,13 +275,29 @@ def main(argv=None):
     config = resolve_config(args)
     config["processes"] = world
     out = Path(config["out"])
+    # Before anything loads: a folder that can hold the run and that no other run is writing (process 0
+    # writes every file, so it alone holds the lock; a --resume of a folder that does not exist creates
+    # nothing, as there is no checkpoint to continue), then the checkpoint to continue from, or a folder
+    # free for a new run.
+    checkpoint.check_folder(out)
+    lock = checkpoint.lock_folder(out) if rank == 0 and (out.is_dir() or not config["resume"]) else None
+    try:
+        state = checkpoint.resume_state(out / "checkpoint.pt", config) if config["resume"] else None
+        if state is None:
+            checkpoint.start_fresh(out, config["overwrite"], rank)
+        out.mkdir(parents=True, exist_ok=True)
+        return run(config, state, args.threads, rank, world)
+    finally:
+        if lock is not None:
+            lock.close()  # the process's end releases it too; a caller that runs main again needs it now
+
+
+def run(config: dict, state: dict | None, threads: int | None, rank: int, world: int) -> dict:
+    """The run in its checked and locked folder: train from the start or from `state`, keep the best z by
+    validation accuracy, then test it against the base model."""
+    out = Path(config["out"])
     checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    # Before anything loads: the checkpoint to continue from, or a folder free for a new run.
-    state = checkpoint.resume_state(checkpoint_path, config) if config["resume"] else None
-    if state is None:
-        checkpoint.start_fresh(out, config["overwrite"], rank)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = common.set_threads(args.threads)
+    threads = common.set_threads(threads)
     if rank != 0:  # process 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
     print(f"[train] preset {config['preset']}" + (" (no GPU: a small preset; see CPU in train.py)" if config["preset"] == "cpu" else ""))
@@ -313,21 +330,27 @@ def main(argv=None):
 
     history, start_step, best = [], 0, None
     saved_step = None  # the step checkpoint.pt holds, None while there is none of this run
+    seconds_before = 0.0  # training time of the processes that ran this run before this one
     if state is not None:
-        adapter.load_state(state["z"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # checkpoint.check_contents checked each field's type and range; what remains is whether they fit
+        # this model and adapter, which the settings (model, method, targets) already match.
+        if state["step"] > steps:  # with --epochs the total is known only now, from the train split
+            raise SystemExit(f"--resume: {checkpoint_path} cannot be continued: its step is {state['step']}, beyond "
+                             f"the run's {steps} steps. The file was damaged or edited: restore a copy, or start the "
+                             f"run again with --overwrite (which deletes it)")
+        try:
+            adapter.load_state(state["z"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SystemExit(f"--resume: {checkpoint_path} does not fit this run's model and adapter ({e}). The file "
+                             f"was damaged or edited: restore a copy, or start the run again with --overwrite (which "
+                             f"deletes it)") from None
         torch.set_rng_state(state["torch_rng"])
         history, start_step, best = state["history"], state["step"], state["best"]
+        seconds_before = state.get("seconds", 0.0)  # checkpoints from before it was saved: not known, counted as 0
         saved_step = start_step
         print(f"[train] resumed from {checkpoint_path} at step {start_step}")
-    if rank == 0:
-        # A run killed after logging a step but before its checkpoint left records past the checkpoint; the
-        # resumed run repeats those steps. The checkpoint's history is the log up to its step, so the file
-        # restarts from it (atomically) and every step appears once.
-        with common.atomic_path(metrics_path) as tmp:
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-        (out / "config.json").write_text(json.dumps(config, indent=2))
 
     def log(record):
         history.append(record)
@@ -343,9 +366,10 @@ def main(argv=None):
     def save_state(step):
         nonlocal saved_step
         if rank == 0:
+            seconds = seconds_before + time.perf_counter() - started  # so that a resumed run's summary counts all
             checkpoint.save(checkpoint_path, dict(z=adapter.state(), optimizer=optimizer.state_dict(),
                                              scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
-                                             history=history, step=step, best=best, config=config))
+                                             history=history, step=step, best=best, config=config, seconds=seconds))
         saved_step = step
 
     def validate(step):
@@ -356,10 +380,29 @@ def main(argv=None):
             best = dict(step=step, accuracy=result["accuracy"], interval=result["interval"], z=adapter.state())
         return result
 
+    def disk_is_full(error):
+        """The message for a write that ran out of space. Every file is written atomically (checkpoint,
+        expert) or rebuilt from the checkpoint on --resume (metrics.jsonl), so the checkpoint is whole."""
+        if saved_step is None:
+            held = "no step had finished, so there is no checkpoint: free some space and run the same command with --overwrite"
+        else:
+            held = (f"{checkpoint_path} is intact and holds step {saved_step}: free some space (or move {out} to a disk "
+                    f"with room) and continue with --resume")
+        return SystemExit(f"train.py: the disk holding {out} is full; a write failed during {doing} "
+                          f"({error.__class__.__name__}: {error}). {held}")
+
     started = time.perf_counter()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {task.name}", disable=rank != 0)
-    doing = "the validation before training"
+    doing = "the start of the run"
     try:
+        if rank == 0:
+            # A run killed after logging a step but before its checkpoint left records past the checkpoint; the
+            # resumed run repeats those steps. The checkpoint's history is the log up to its step, so the file
+            # restarts from it (atomically) and every step appears once.
+            with common.atomic_path(metrics_path) as tmp:
+                tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+            (out / "config.json").write_text(json.dumps(config, indent=2))
+        doing = "the validation before training"
         if start_step == 0:
             validate(0)
         for step in bar:
@@ -396,36 +439,68 @@ def main(argv=None):
         else:
             print(f"\n[train] interrupted during {doing}: {checkpoint_path} holds step {saved_step}; continue with --resume")
         sys.exit(130)
+    except reinforce.Diverged as e:
+        # The step stopped before its checkpoint: the last one saved holds finite z, but continuing it with
+        # the same settings would diverge again, so the advice is a new run with smaller ones.
+        bar.close()
+        saved = (f"{checkpoint_path} holds step {saved_step}, the last finite one" if saved_step is not None
+                 else "nothing was saved")
+        kl = f" or --kl (now {config['kl']})" if config["objective"] == "rl" and config["kl"] > 0 else ""
+        raise SystemExit(f"train.py: the run diverged at {doing}: {e}; {saved}. Train again with a smaller --lr "
+                         f"(now {config['lr']}){kl}, in another --out or here with --overwrite") from None
+    except Exception as e:
+        if not checkpoint.disk_full(e):
+            raise
+        bar.close()
+        raise disk_is_full(e) from None
     bar.close()
 
     # The best expert by validation accuracy, then base vs expert on the test split.
-    adapter.load_state(best["z"])
     expert_path = out / "expert.safetensors"
-    if rank == 0:
-        # The category names the expert for adapt.py; a classifier also records the categories it learnt.
-        classifier = dict(label_rule=config["label_rule"], categories=json.dumps(task.categories)) if task.name == "cls" else {}
-        adapter.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
-                            step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
-    base_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config, adapted=False)
-    expert_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config)
-    paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],
-                                        [r["correct"] for r in expert_test["records"]])
-    minutes = (time.perf_counter() - started) / 60
-    valid0 = history[0]["valid_accuracy"] if history and "valid_accuracy" in history[0] else float("nan")
-    summary = dict(task=task.name, steps=steps, best_step=best["step"], valid_before=valid0, valid_best=best["accuracy"],
-                   test_n=base_test["n"], test_base=base_test["accuracy"], test_base_interval=base_test["interval"],
-                   test_expert=expert_test["accuracy"], test_expert_interval=expert_test["interval"],
-                   test_difference=paired["difference"], test_difference_interval=paired["interval"],
-                   test_gained=paired["gained"], test_lost=paired["lost"], minutes=minutes,
-                   expert=str(expert_path))
-    figure = None
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        for name, result in (("base", base_test), ("expert", expert_test)):
-            with open(out / f"test-{name}.jsonl", "w") as f:
-                for record in result["records"]:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        figure = plot(history, out / "learning_curve.png")
+    doing = f"the writing of {expert_path}"
+    try:
+        adapter.load_state(best["z"])
+        if rank == 0:
+            # The category names the expert for adapt.py; a classifier also records the categories it learnt.
+            classifier = dict(label_rule=config["label_rule"], categories=json.dumps(task.categories)) if task.name == "cls" else {}
+            adapter.save_expert(expert_path, task=task.name, category=task.category, base_model=str(config["model"]),
+                                step=best["step"], valid_accuracy=f"{best['accuracy']:.4f}", command=config["command"], **classifier)
+        doing = "the final test evaluation"
+        print(f"[train] test split ({len(test_set)} examples): the base model, then the expert")
+        base_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config, adapted=False,
+                                            progress=rank == 0)
+        expert_test = parallel.evaluate_split(model, tokenizer, adapter, task, test_set, config, progress=rank == 0)
+        paired = evaluate.paired_difference([r["correct"] for r in base_test["records"]],
+                                            [r["correct"] for r in expert_test["records"]])
+        minutes = (seconds_before + time.perf_counter() - started) / 60
+        valid0 = history[0]["valid_accuracy"] if history and "valid_accuracy" in history[0] else float("nan")
+        summary = dict(task=task.name, steps=steps, best_step=best["step"], valid_before=valid0, valid_best=best["accuracy"],
+                       test_n=base_test["n"], test_base=base_test["accuracy"], test_base_interval=base_test["interval"],
+                       test_expert=expert_test["accuracy"], test_expert_interval=expert_test["interval"],
+                       test_difference=paired["difference"], test_difference_interval=paired["interval"],
+                       test_gained=paired["gained"], test_lost=paired["lost"], minutes=minutes,
+                       expert=str(expert_path))
+        figure = None
+        if rank == 0:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            for name, result in (("base", base_test), ("expert", expert_test)):
+                with open(out / f"test-{name}.jsonl", "w") as f:
+                    for record in result["records"]:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            figure = plot(history, out / "learning_curve.png")
+    except KeyboardInterrupt:
+        # The checkpoint holds the last step, so --resume skips the training and does only what is left.
+        if doing == "the final test evaluation":
+            print(f"\n[train] interrupted during the final test evaluation: the expert is saved ({expert_path}); "
+                  f"run the same command with --resume to finish the evaluation (summary.json, test-*.jsonl)")
+        else:
+            print(f"\n[train] interrupted during {doing}: {checkpoint_path} holds step {saved_step}, the last; run the "
+                  f"same command with --resume to write the expert and evaluate it")
+        sys.exit(130)
+    except Exception as e:
+        if not checkpoint.disk_full(e):
+            raise
+        raise disk_is_full(e) from None
     print(f"[train] {task.name}: valid {valid0:.3f} -> {best['accuracy']:.3f} (best at step {best['step']}); "
           f"test n={base_test['n']}: base {base_test['accuracy']:.3f} [{base_test['interval'][0]:.3f}, {base_test['interval'][1]:.3f}] "
           f"-> expert {expert_test['accuracy']:.3f} [{expert_test['interval'][0]:.3f}, {expert_test['interval'][1]:.3f}], "
