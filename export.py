@@ -320,7 +320,7 @@ def main(argv=None):
                    help="also write a GGUF file for llama.cpp / Ollama (it may be inside --out)")
     p.add_argument("--gguf-dtype", choices=GGUF_TYPES, default="f16",
                    help="the GGUF's weight type (quantising further is llama.cpp's llama-quantize)")
-    p.add_argument("--threads", type=common.positive_int, default=None)
+    p.add_argument("--threads", type=common.thread_count, default=None)
     args = p.parse_args(argv)
     if args.experts and not args.alpha:
         p.error("--experts needs --alpha (the weight of each expert in the mixture)")
