@@ -186,6 +186,13 @@ def check_recipe(config: dict):
         fail("--scale-by-std scales the group advantages: it goes with --baseline group")
     if config["objective"] == "nexttoken" and config["samples"] > 1:
         fail("--samples is for --objective rl (the next-token objective trains on the reference replies)")
+    # AdamW's first step moves every z by about the learning rate (its bias-corrected update is ±lr), so an
+    # lr of svf.Z_LIMIT or more takes z out of the range an expert file may hold in one step.
+    limit = svf_lib.Z_LIMIT[config["param"]]
+    if config["method"] == "svf" and config["lr"] >= limit:
+        fail(f"--lr {config['lr']:g} is too large: AdamW's first step moves each z by about the learning rate, and an "
+             f"expert holds |z| <= {limit:g} (--param {config['param']}); give an --lr below {limit:g} (the paper's is "
+             f"{PAPER.lr:g})")
 
 
 def make_task(config) -> tasks.Task:
@@ -422,6 +429,11 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
                                              samples=config["samples"])
                 stats = reinforce.train_step(model, adapter, rollouts, optimizer, scheduler, config["baseline"], config["kl"],
                                              config["micro_batch"], config["clip"], autocast, config["scale_by_std"])
+            if config["method"] == "svf":  # finite, but more than an expert file may hold: evaluate.py would refuse it
+                largest = max(z.detach().abs().max().item() for z in adapter.parameters())
+                if largest > svf_lib.Z_LIMIT[config["param"]]:
+                    raise reinforce.Diverged(f"a z reached {largest:.3g}, beyond the {svf_lib.Z_LIMIT[config['param']]:g} "
+                                             f"an expert may hold (--param {config['param']})")
             log(dict(step=step + 1, **stats, examples_per_process=len(examples)))
             if (step + 1) % config["eval_every"] == 0 or step + 1 == steps:
                 validate(step + 1)
@@ -443,7 +455,7 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
         # The step stopped before its checkpoint: the last one saved holds finite z, but continuing it with
         # the same settings would diverge again, so the advice is a new run with smaller ones.
         bar.close()
-        saved = (f"{checkpoint_path} holds step {saved_step}, the last finite one" if saved_step is not None
+        saved = (f"{checkpoint_path} holds step {saved_step}, from before it" if saved_step is not None
                  else "nothing was saved")
         kl = f" or --kl (now {config['kl']})" if config["objective"] == "rl" and config["kl"] > 0 else ""
         raise SystemExit(f"train.py: the run diverged at {doing}: {e}; {saved}. Train again with a smaller --lr "

@@ -134,16 +134,47 @@ def test_a_checkpoint_with_contents_train_py_never_writes_is_refused(run, finish
 # ---- a run that diverges
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "1e308"), ("--kl", "1e308")])
-def test_a_huge_lr_or_kl_stops_the_run_at_step_1_and_saves_nothing(run, tmp_path, flag, value):
+@pytest.mark.parametrize("flags, advice", [
+    (["--method", "lora", "--lr", "1e308"], "a smaller --lr (now 1e+308),"),  # LoRA factors have no bound at parse time
+    (["--kl", "1e308"], "a smaller --lr (now 0.05) or --kl (now 1e+308),"),
+])
+def test_a_huge_lr_or_kl_stops_the_run_at_step_1_and_saves_nothing(run, tmp_path, flags, advice):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
-        run(out, "--steps", "2", flag, value)
+        run(out, "--steps", "2", *flags)
     message = str(stop.value.code)
-    assert "diverged at step 1" in message and f"a smaller --lr (now {1e308 if flag == '--lr' else 0.05})" in message
-    assert flag == "--lr" or "--kl (now 1e+308)" in message
+    assert "diverged at step 1" in message and advice in message and "nothing was saved" in message
     assert not (out / "checkpoint.pt").exists() and not (out / "expert.safetensors").exists()
     assert [r["step"] for r in records(out)] == [0]  # the validation before training, no record of the step
+
+
+@pytest.mark.parametrize("flags, limit", [(["--lr", "1e308"], "30"), (["--lr", "30"], "30"),
+                                          (["--lr", "10", "--param", "scale"], "10")])
+def test_an_lr_that_moves_z_out_of_an_experts_range_in_one_step_is_refused_before_loading(tmp_path, monkeypatch,
+                                                                                           flags, limit):
+    """AdamW's first step moves each z by about lr; an expert holds |z| <= 30 (mask) or 10 (scale)."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --lr was checked")
+
+    monkeypatch.setattr(m, "load", no_model)
+    monkeypatch.setattr(tasks, "get", no_model)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--task", "cls", "--preset", "cpu", "--out", str(tmp_path / "run"), *flags])
+    message = str(stop.value.code)
+    assert f"--lr {float(flags[1]):g} is too large" in message and f"below {limit}" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_z_beyond_what_an_expert_may_hold_stops_the_run_before_it_is_saved(run, tmp_path):
+    """--param scale with lr 9: the first step moves z (from 1) by about 9, the second beyond 10."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run(out, "--steps", "4", "--param", "scale", "--lr", "9")
+    message = str(stop.value.code)
+    assert "diverged at step" in message and "an expert may hold" in message and "--lr (now 9.0)" in message
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] < 4 and max(z.abs().max().item() for z in state["z"].values()) <= 10
+    assert not (out / "expert.safetensors").exists()
 
 
 def test_a_non_finite_loss_at_step_2_keeps_the_finite_checkpoint_of_step_1(run, tmp_path, monkeypatch):
