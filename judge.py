@@ -17,7 +17,8 @@ So the tests do not run there. Two processes, inside one sandbox (sandbox.py):
     no process of its uid can ptrace it or open its /proc/<pid>/{mem,fd,environ}; it reads the test
     code and unlinks the files it came in, then starts the worker, runs the prelude and the tests
     in its own interpreter, and writes the verdict to VERDICT_FD, a pipe to the caller that only the
-    judge holds. "passed" means: every statement of the tests ran here and none raised.
+    judge holds. "passed" means: every statement of the tests ran here, no assert failed, and
+    nothing raised.
   worker (`judge.py --worker`): untrusted. It runs the solution, then answers the judge's requests
     over two pipes: a name's value, a call, an attribute, the next item of an iterator.
 
@@ -34,7 +35,18 @@ imported again by the judge, so a patched `math` stays in the worker). Exits, ho
 threads, patched builtins and modules all stay in the worker; the worst they do there is make a
 call fail or hang, which fails the test.
 
+The worker cannot tell whether its answers were right. If the judge stopped at the first failed
+assert, a solution would learn from being asked the next question that its last answer passed, and
+one that could leave a note anywhere a later run reads it back (the kernel's page cache of the
+read-only system files is one such place that no sandbox layer closes) would learn the answers in a
+few tries without solving anything. So every `assert` of the tests is rewritten (ast) to record a
+failure and go on: the worker sees the same requests, in the same order, whatever it answers; the
+worker is killed before the verdict is written, so not even the time of its end depends on it.
+
 Not defended, and why:
+ - A test whose own control flow depends on the solution's answers still shows the worker part of
+   its verdict: `assert all(f(x) == y for ...)` and `assert f(a) == b and f(c) == d` stop asking
+   at the first wrong answer, as Python's all() and `and` do.
  - A process started by the worker runs under the same uid; it can kill the worker, spin, or fill
    the scratch space, which only fails the run. It cannot signal the judge: the judge is PID 1 of
    its PID namespace, which ignores signals it has no handler for, even SIGKILL, from inside.
@@ -48,6 +60,7 @@ Not defended, and why:
    dataset files included, and without a uid of its own the worker can read the judge's memory.
 """
 
+import ast
 import builtins
 import ctypes
 import decimal
@@ -279,24 +292,69 @@ class TestNamespace(dict):
         return self.worker.ask("get", name)
 
 
+ASSERT_HOOK = "__judge_assert__"  # what each `assert` of the tests becomes a call of
+
+
+class RecordAsserts(ast.NodeTransformer):
+    """`assert test, message` -> `__judge_assert__(lambda: test, line)`: the test is evaluated as
+    before (in its own scope, through the lambda), but a false or raising one is recorded instead
+    of stopping the tests. The message is dropped: it is for people, and it could call the solution."""
+
+    def visit_Assert(self, node: ast.Assert) -> ast.stmt:
+        check = ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
+                           body=node.test)
+        call = ast.Call(func=ast.Name(ASSERT_HOOK, ast.Load()), args=[check, ast.Constant(node.lineno)], keywords=[])
+        return ast.copy_location(ast.Expr(call), node)
+
+
+class Asserts:
+    """The failed asserts of a run of the tests, by line."""
+
+    def __init__(self):
+        self.failures: list[tuple[int, str]] = []
+
+    def __call__(self, check, line: int) -> None:
+        try:
+            if bool(check()):
+                return
+            failure = "AssertionError"
+        except BaseException as error:  # the solution's exceptions and the judge's own (KeyboardInterrupt)
+            failure = f"{type(error).__name__}: {error}"[:500]
+        self.failures.append((line, failure))
+
+    def report(self, source: str) -> None:
+        lines = source.splitlines()
+        for line, failure in self.failures[:5]:
+            print(f'  File "tests", line {line}\n    {lines[line - 1].strip()}\n{failure}', file=sys.stderr)
+        if len(self.failures) > 5:
+            print(f"... and {len(self.failures) - 5} more failed asserts", file=sys.stderr)
+
+
 def judge(verdict_fd: int, solution_path: str, tests_path: str, prelude_path: str, solution_names: list[str],
           worker_command: list[str]) -> bool:
-    worker = None
+    worker, asserts, tests = None, Asserts(), ""
     try:
         tests, prelude = _take(tests_path), _take(prelude_path)
         worker = Worker(worker_command, solution_path)
         namespace = TestNamespace(worker, solution_names)
+        namespace[ASSERT_HOOK] = asserts
         for name, source in [("prelude", prelude), ("tests", tests)]:
             linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # for tracebacks
-            exec(compile(source, name, "exec"), namespace)
-        passed = True
-    except BaseException:  # any failure of the tests, including SystemExit raised by test code
+            tree = ast.parse(source, name)
+            if name == "tests":
+                tree = ast.fix_missing_locations(RecordAsserts().visit(tree))
+            exec(compile(tree, name, "exec"), namespace)
+        passed = not asserts.failures
+    except BaseException:  # any other failure of the tests, including SystemExit raised by test code
         traceback.print_exc(limit=-3)
         passed = False
-    os.write(verdict_fd, b"passed\n" if passed else b"failed\n")
-    os.close(verdict_fd)
+    # The worker goes first: when it ends must not depend on the verdict.
     if worker is not None:
         worker.process.kill()
+        worker.process.wait()
+    asserts.report(tests)
+    os.write(verdict_fd, b"passed\n" if passed else b"failed\n")
+    os.close(verdict_fd)
     return passed
 
 

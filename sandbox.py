@@ -21,9 +21,12 @@ itself would learn the answers over a few tries without solving anything: RL wou
 that. Every run therefore starts from nothing another run could have written: a fresh uid, fresh
 network, PID, IPC and mount namespaces, a /tmp and /dev/shm that vanish with it, a read-only view of
 the rest, and no kernel keyring (keyrings are not namespaced and a uid's keys outlive its processes:
-layer 7). What is left is not state a program can write and read back but timing: which read-only
-system files are in the page cache, for instance, is visible to a later run only through how long
-reading them takes.
+layer 7). Some shared kernel state is still written by one run and read by the next, and no layer
+here closes it: which pages of the read-only system files are in the page cache (readable exactly,
+through /proc/self/pagemap or page-fault counts), host-wide counters in /proc (forks since boot),
+and, between runs that overlap, locks on shared files. What makes such notes worthless is the
+judge: a run never learns whether its answers were right (judge.py runs every assert whatever the
+solution answers), so it has nothing worth leaving for the next one.
 
 Layers of defence, each with the failure it stops:
 

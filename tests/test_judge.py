@@ -169,3 +169,27 @@ def f(x):
 def test_a_stop_forged_as_the_reply_to_a_call_fails():
     # A StopIteration out of the call would end map, and all([]) holds.
     assert not run(FORGED_REPLY.format(reply='["stop"]'), "assert all(map(f, [1, 2, 3]))\n").passed
+
+
+def test_the_solution_cannot_tell_whether_its_answers_were_right():
+    # A solution that learnt from being asked the next question that its last answer passed could
+    # leave that note where a later run reads it (the page cache of the read-only system files is
+    # such a place). It must see the same calls whether its answers are right or wrong.
+    tests = "assert double(1) == 2\nassert double(2) == 4\ndef check(f):\n    assert f(3) == 6\n    assert f(4) == 8\ncheck(double)\n"
+    logging = "import sys\ndef double(x):\n    print('called', x, file=sys.stderr)\n    return {answer}\n"
+    right = sandbox.run(sandbox.Tests(logging.format(answer="2 * x"), tests, solution_names=("double",)), timeout=5)
+    wrong = sandbox.run(sandbox.Tests(logging.format(answer="-1"), tests, solution_names=("double",)), timeout=5)
+    calls = lambda outcome: [line for line in outcome.detail.splitlines() if line.startswith("called")]
+    assert right.passed and not wrong.passed
+    assert calls(wrong) == calls(right) == ["called 1", "called 2", "called 3", "called 4"]
+    # the failures are still reported, each with its line
+    assert wrong.detail.count("AssertionError") == 4 and "assert f(3) == 6" in wrong.detail
+
+
+def test_a_raising_answer_fails_and_the_tests_go_on():
+    tests = "assert half(2) == 1\nassert half(0) == 0\nassert half(4) == 2\n"
+    solution = "import sys\ndef half(x):\n    print('called', x, file=sys.stderr)\n    if x == 0:\n        raise ZeroDivisionError('no')\n    return x // 2\n"
+    outcome = sandbox.run(sandbox.Tests(solution, tests, solution_names=("half",)), timeout=5)
+    assert not outcome.passed
+    assert [l for l in outcome.detail.splitlines() if l.startswith("called")] == ["called 2", "called 0", "called 4"]
+    assert "ZeroDivisionError" in outcome.detail
