@@ -43,6 +43,7 @@ import generate as gen
 import model as m
 import parallel
 import reinforce
+import sandbox
 import svf as svf_lib
 import tasks
 from lora import LoRA
@@ -460,6 +461,13 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
         kl = f" or --kl (now {config['kl']})" if config["objective"] == "rl" and config["kl"] > 0 else ""
         raise SystemExit(f"train.py: the run diverged at {doing}: {e}; {saved}. Train again with a smaller --lr "
                          f"(now {config['lr']}){kl}, in another --out or here with --overwrite") from None
+    except sandbox.SandboxError as e:
+        # No reward was given for the replies it could not run: the checkpoint is from before this step.
+        bar.close()
+        held = f"{checkpoint_path} holds step {saved_step}" if saved_step is not None else "no step had finished"
+        raise SystemExit(f"train.py: the code sandbox failed during {doing}, so those replies could not be scored "
+                         f"({e}). {held}: make sandbox.run work here (see sandbox.py's docstring) and continue "
+                         f"with --resume") from None
     except Exception as e:
         if not checkpoint.disk_full(e):
             raise

@@ -217,3 +217,25 @@ def test_summary_minutes_count_the_processes_before_a_resume(run, tmp_path, monk
     assert 10 <= minutes < 12, minutes
     assert json.loads((out / "summary.json").read_text())["minutes"] == minutes
     assert run(old, "--steps", "2", "--resume")["minutes"] < 2  # its earlier time is unknown
+
+
+def test_a_broken_sandbox_stops_the_run_with_its_checkpoint_and_advice(run, tmp_path):
+    """A sandbox that cannot run the replies must stop training (not score them -1): the message names
+    the sandbox, the step the checkpoint holds and --resume, which then finishes the run."""
+    import sandbox
+    out = tmp_path / "run"
+    real, calls = train.reinforce.rollout, []
+
+    def broken_on_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise sandbox.SandboxError("the sandbox could not run 2 of 2 replies")
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.reinforce, "rollout", broken_on_step_2)
+        with pytest.raises(SystemExit) as stop:
+            run(out, "--steps", "2")
+    message = str(stop.value.code)
+    assert "sandbox" in message and f"{out / 'checkpoint.pt'} holds step 1" in message and "--resume" in message
+    assert run(out, "--steps", "2", "--resume")["steps"] == 2
