@@ -15,10 +15,9 @@ that exiting early, hooking exceptions, tracing or threads cannot forge it is ju
 This is not a defence against a deliberate attacker with a kernel exploit; for that, run the whole
 evaluation in a VM or gVisor.
 
-No state crosses runs. A run learns whether each answer it gave was right (the judge asks for the
-next assert only after the last one passed), so a reply that could leave a note for a later run of
-itself would learn the answers over a few tries without solving anything: RL would find and keep
-that. Every run therefore starts from nothing another run could have written: a fresh uid, fresh
+No state crosses runs. A reply that could tell which of its answers were right (as it could if the
+judge stopped at the first failed assert) and leave a note for a later run of itself would learn
+the answers over a few tries without solving anything: RL would find and keep that. Every run therefore starts from nothing another run could have written: a fresh uid, fresh
 network, PID, IPC and mount namespaces, a /tmp and /dev/shm that vanish with it, a read-only view of
 the rest, and no kernel keyring (keyrings are not namespaced and a uid's keys outlive its processes:
 layer 7). Some shared kernel state is still written by one run and read by the next, and no layer
