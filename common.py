@@ -433,6 +433,22 @@ def permissions_as_created(path: Path):
     os.chmod(path, 0o666 & ~umask)
 
 
+def check_replaceable_folder(path: Path, replaceable, name: str | None = None,
+                             refused: str = "files that this would delete"):
+    """Raise unless a new folder may take the place of `path` (a real path, as atomic_folder sees it):
+    not the current folder or one holding it, not a file, and empty or replaceable(path). The message
+    calls the folder `name` (default: its path) and says of the files it refuses that they are `refused`."""
+    name = name or str(path)
+    if Path.cwd().resolve().is_relative_to(path):
+        raise ValueError(f"{name} is the current folder or holds it, so it cannot be replaced; give a new "
+                         f"folder, e.g. {name}{os.sep}exported")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{name} is a file, not a folder; give a new folder's path")
+    if path.is_dir() and any(path.iterdir()) and not replaceable(path):
+        raise FileExistsError(f"{name} already holds {refused}; give a new or empty folder, or move those files "
+                              f"away first")
+
+
 @contextlib.contextmanager
 def atomic_folder(path, replaceable=lambda folder: True):
     """Yield a hidden sibling folder to fill; when the block ends without an error it takes the place of
@@ -446,18 +462,7 @@ def atomic_folder(path, replaceable=lambda folder: True):
     # The real path: "." or ".." is no name a folder can be renamed from, and through a symbolic link the
     # folder it points to is replaced, the link kept.
     path = Path(os.path.realpath(path))
-
-    def refuse_what_it_must_not_replace():
-        if Path.cwd().resolve().is_relative_to(path):
-            raise ValueError(f"{path} is the current folder or holds it, so it cannot be replaced; give a new "
-                             f"folder, e.g. {path / 'exported'}")
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"{path} is a file, not a folder; give a new folder's path")
-        if path.is_dir() and any(path.iterdir()) and not replaceable(path):
-            raise FileExistsError(f"{path} already holds files that this would delete; give a new or empty folder, "
-                                  f"or move those files away first")
-
-    refuse_what_it_must_not_replace()
+    check_replaceable_folder(path, replaceable)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run that had this process id
@@ -467,7 +472,7 @@ def atomic_folder(path, replaceable=lambda folder: True):
         for file in partial.rglob("*"):
             if file.is_file():
                 permissions_as_created(file)
-        refuse_what_it_must_not_replace()  # something may have appeared at path while the block ran
+        check_replaceable_folder(path, replaceable)  # something may have appeared at path while the block ran
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.replace(path, old)

@@ -57,14 +57,9 @@ def check_destination(out: Path, gguf_path: Path | None = None, out_flag: str = 
     is a folder, the out folder itself, or an existing file that is not a GGUF. Raises ValueError or
     FileExistsError naming the path (as out_flag: adapt.py's is --export) and saying what to do."""
     out = Path(os.path.realpath(out))  # as common.atomic_folder sees it: "." is the current folder
-    if Path.cwd().resolve().is_relative_to(out):
-        raise ValueError(f"{out_flag} {out} is the current folder or holds it; export writes a whole folder and "
-                         f"replaces it, so give a new folder, e.g. {out_flag} {out / 'exported'}")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out_flag} {out} is a file; give a new folder's path")
-    if out.is_dir() and any(out.iterdir()) and not previous_export(out):
-        raise FileExistsError(f"{out_flag} {out} already holds files that are not an earlier export (export replaces "
-                              f"its folder and would delete them); give a new or empty folder, or move them away")
+    common.check_replaceable_folder(out, previous_export, name=f"{out_flag} {out}",
+                                    refused="files that are not an earlier export (export replaces its folder "
+                                            "and would delete them)")
     if gguf_path is None:
         return
     gguf_path = Path(os.path.realpath(gguf_path))
