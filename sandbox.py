@@ -553,11 +553,10 @@ def _memory_cgroup_folders() -> list[tuple[str, str]]:
 
 def _probe_cgroup(folder: str, flavour: str) -> None:
     """Make a cgroup, move a short-lived process into it, remove it: raises where any step fails."""
-    probe = os.path.join(folder, f"{LEFTOVER_PREFIX}{os.getpid()}-probe")
-    os.makedirs(probe, exist_ok=True)
+    name = f"{LEFTOVER_PREFIX}{os.getpid()}-probe"
+    _remove_cgroup(os.path.join(folder, name), patience=0)  # left by an earlier process with this pid
+    probe = _new_cgroup(folder, flavour, name)
     try:
-        with open(os.path.join(probe, CGROUP_FILES[flavour][0]), "w") as f:
-            f.write(str(MEMORY_LIMIT))
         join = "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()))"
         subprocess.run([sys.executable, "-I", "-S", "-c", join, os.path.join(probe, "cgroup.procs")],
                        check=True, capture_output=True, timeout=30)
@@ -568,9 +567,11 @@ def _probe_cgroup(folder: str, flavour: str) -> None:
 def _make_cgroup(name: str) -> str | None:
     """A memory cgroup limited to MEMORY_LIMIT (swap included) for one run, or None where there is
     no memory cgroup hierarchy to use."""
-    if _cgroup_parent() is None:
-        return None
-    parent, flavour = _cgroup_parent()
+    return None if _cgroup_parent() is None else _new_cgroup(*_cgroup_parent(), name)
+
+
+def _new_cgroup(parent: str, flavour: str, name: str) -> str:
+    """The cgroup parent/name, made and limited to MEMORY_LIMIT."""
     limit_file, swap_file, _ = CGROUP_FILES[flavour]
     path = os.path.join(parent, name)
     os.mkdir(path)
