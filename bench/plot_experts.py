@@ -9,7 +9,6 @@ mask parametrization's nuclear-norm rescale is included. White is 1 (the base mo
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -47,9 +46,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model, _ = m.load(args.model, dtype=torch.float32, device="cpu")
     experts = [svf_lib.read_expert(path) for path in args.experts]  # (z, metadata) each
-    first = experts[0][1]
+    first = svf_lib.expert_settings(experts[0][1], args.experts[0])
     adapter = svf_lib.SVF(model, targets=first["targets"], parametrization=first["param"],
-                          layers=json.loads(first.get("layers", "null")), progress=False)
+                          layers=first["layers"], progress=False)
     tables = []
     for path, (z, meta) in zip(args.experts, experts):
         names, table = factors(adapter, z)
