@@ -388,16 +388,24 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
             best = dict(step=step, accuracy=result["accuracy"], interval=result["interval"], z=adapter.state())
         return result
 
-    def disk_is_full(error):
-        """The message for a write that ran out of space. Every file is written atomically (checkpoint,
-        expert) or rebuilt from the checkpoint on --resume (metrics.jsonl), so the checkpoint is whole."""
-        if saved_step is None:
-            held = "no step had finished, so there is no checkpoint: free some space and run the same command with --overwrite"
+    def stop_for(error) -> SystemExit | None:
+        """The message for a failure of the machine rather than of the run: a write that ran out of space, or
+        a code sandbox that could not run the replies (no reward was given for them, so no step used them).
+        Every file is written atomically (checkpoint, expert) or rebuilt from the checkpoint on --resume
+        (metrics.jsonl), so the checkpoint is whole. None for any other error."""
+        if checkpoint.disk_full(error):
+            what = f"the disk holding {out} is full; a write failed during {doing} ({error.__class__.__name__}: {error})"
+            fix = f"free some space (or move {out} to a disk with room)"
+        elif isinstance(error, sandbox.SandboxError):
+            what = f"the code sandbox failed during {doing}, so those replies could not be scored ({error})"
+            fix = "make sandbox.run work here (see sandbox.py's docstring)"
         else:
-            held = (f"{checkpoint_path} is intact and holds step {saved_step}: free some space (or move {out} to a disk "
-                    f"with room) and continue with --resume")
-        return SystemExit(f"train.py: the disk holding {out} is full; a write failed during {doing} "
-                          f"({error.__class__.__name__}: {error}). {held}")
+            return None
+        if saved_step is None:
+            held = f"no step had finished, so there is no checkpoint: {fix} and run the same command with --overwrite"
+        else:
+            held = f"{checkpoint_path} is intact and holds step {saved_step}: {fix} and continue with --resume"
+        return SystemExit(f"train.py: {what}. {held}")
 
     started = time.perf_counter()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {task.name}", disable=rank != 0)
@@ -461,18 +469,12 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
         kl = f" or --kl (now {config['kl']})" if config["objective"] == "rl" and config["kl"] > 0 else ""
         raise SystemExit(f"train.py: the run diverged at {doing}: {e}; {saved}. Train again with a smaller --lr "
                          f"(now {config['lr']}){kl}, in another --out or here with --overwrite") from None
-    except sandbox.SandboxError as e:
-        # No reward was given for the replies it could not run: the checkpoint is from before this step.
-        bar.close()
-        held = f"{checkpoint_path} holds step {saved_step}" if saved_step is not None else "no step had finished"
-        raise SystemExit(f"train.py: the code sandbox failed during {doing}, so those replies could not be scored "
-                         f"({e}). {held}: make sandbox.run work here (see sandbox.py's docstring) and continue "
-                         f"with --resume") from None
     except Exception as e:
-        if not checkpoint.disk_full(e):
+        stop = stop_for(e)
+        if stop is None:
             raise
         bar.close()
-        raise disk_is_full(e) from None
+        raise stop from None
     bar.close()
 
     # The best expert by validation accuracy, then base vs expert on the test split.
@@ -518,9 +520,10 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
                   f"same command with --resume to write the expert and evaluate it")
         sys.exit(130)
     except Exception as e:
-        if not checkpoint.disk_full(e):
+        stop = stop_for(e)
+        if stop is None:
             raise
-        raise disk_is_full(e) from None
+        raise stop from None
     print(f"[train] {task.name}: valid {valid0:.3f} -> {best['accuracy']:.3f} (best at step {best['step']}); "
           f"test n={base_test['n']}: base {base_test['accuracy']:.3f} [{base_test['interval'][0]:.3f}, {base_test['interval'][1]:.3f}] "
           f"-> expert {expert_test['accuracy']:.3f} [{expert_test['interval'][0]:.3f}, {expert_test['interval'][1]:.3f}], "

@@ -237,5 +237,28 @@ def test_a_broken_sandbox_stops_the_run_with_its_checkpoint_and_advice(run, tmp_
         with pytest.raises(SystemExit) as stop:
             run(out, "--steps", "2")
     message = str(stop.value.code)
-    assert "sandbox" in message and f"{out / 'checkpoint.pt'} holds step 1" in message and "--resume" in message
+    assert "sandbox" in message and f"{out / 'checkpoint.pt'} is intact and holds step 1" in message and "--resume" in message
     assert run(out, "--steps", "2", "--resume")["steps"] == 2
+
+
+def test_a_broken_sandbox_in_the_final_test_evaluation_says_resume_finishes_it(run, tmp_path):
+    """Calls of evaluate_split with --steps 1: validation at 0 and at 1, then the base model on the test
+    split (the sandbox fails here); --resume then does the evaluation."""
+    import sandbox
+    out = tmp_path / "run"
+    real, calls = train.parallel.evaluate_split, []
+
+    def broken_on_call_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise sandbox.SandboxError("the sandbox could not run 2 of 2 replies")
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.parallel, "evaluate_split", broken_on_call_3)
+        with pytest.raises(SystemExit) as stop:
+            run(out, "--steps", "1")
+    message = str(stop.value.code)
+    assert "sandbox" in message and "final test evaluation" in message
+    assert f"{out / 'checkpoint.pt'} is intact and holds step 1" in message and "--resume" in message
+    assert run(out, "--steps", "1", "--resume")["steps"] == 1
