@@ -505,13 +505,23 @@ CGROUP_FILES = {  # flavour: (limit, swap limit, the file counting OOM kills)
 }
 
 
-@functools.cache
+_cgroup_lock = threading.Lock()
+
+
 def _cgroup_parent() -> tuple[str, str] | None:
     """(folder, "v1" | "v2"): the memory cgroup of this process, under which each run gets a cgroup
-    of its own; None where that cannot be done (then a warning says so, once)."""
+    of its own; None where that cannot be done (then a warning says so, once). Found once per process,
+    under a lock: run_many's threads all ask at their first run, and two probes at once would share
+    one probe cgroup and fail each other."""
+    with _cgroup_lock:
+        return _find_cgroup_parent()
+
+
+@functools.cache
+def _find_cgroup_parent() -> tuple[str, str] | None:
     if os.geteuid() != 0:
         return None
-    reason = "no memory cgroup hierarchy is mounted"
+    reasons = []
     for folder, flavour in _memory_cgroup_folders():
         try:
             if flavour == "v2":
@@ -523,7 +533,8 @@ def _cgroup_parent() -> tuple[str, str] | None:
             _probe_cgroup(folder, flavour)
             return folder, flavour
         except (OSError, subprocess.SubprocessError) as error:
-            reason = f"{folder}: {error}"
+            reasons.append(f"{folder} ({flavour}): {error}")
+    reason = "; ".join(reasons) or "no memory cgroup hierarchy is mounted"
     warnings.warn(f"sandbox: no memory cgroup ({reason}); a run's total memory is bounded only by "
                   "per-process limits (see sandbox.py's docstring)", RuntimeWarning)
     return None

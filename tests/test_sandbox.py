@@ -14,6 +14,9 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -589,3 +592,15 @@ def test_a_program_cannot_pretend_the_sandbox_failed():
     # 125 is the launcher's own exit status for "could not start"; from the program it is a failure.
     outcome = sandbox.run("import sys\nprint('sandbox: could not start the program', file=sys.stderr)\nsys.exit(125)\n", timeout=5)
     assert (outcome.passed, outcome.status) == (False, "failed")
+
+
+def test_the_first_runs_of_many_threads_agree_on_the_memory_cgroup(monkeypatch):
+    # run_many's threads all look for the cgroup hierarchy at their first run; probes made at once
+    # shared one probe cgroup and failed each other, and the sandbox then fell back with a warning.
+    expected = sandbox._cgroup_parent()
+    monkeypatch.setattr(sandbox, "_find_cgroup_parent", functools.cache(sandbox._find_cgroup_parent.__wrapped__))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning fails the test
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda _: sandbox._cgroup_parent(), range(8)))
+    assert found == [expected] * 8
