@@ -224,16 +224,9 @@ def test_a_broken_sandbox_stops_the_run_with_its_checkpoint_and_advice(run, tmp_
     the sandbox, the step the checkpoint holds and --resume, which then finishes the run."""
     import sandbox
     out = tmp_path / "run"
-    real, calls = train.reinforce.rollout, []
-
-    def broken_on_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise sandbox.SandboxError("the sandbox could not run 2 of 2 replies")
-        return real(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train.reinforce, "rollout", broken_on_step_2)
+        interrupt(patch, train.reinforce, "rollout", on_call=2,
+                  error=sandbox.SandboxError("the sandbox could not run 2 of 2 replies"))
         with pytest.raises(SystemExit) as stop:
             run(out, "--steps", "2")
     message = str(stop.value.code)
@@ -246,16 +239,9 @@ def test_a_broken_sandbox_in_the_final_test_evaluation_says_resume_finishes_it(r
     split (the sandbox fails here); --resume then does the evaluation."""
     import sandbox
     out = tmp_path / "run"
-    real, calls = train.parallel.evaluate_split, []
-
-    def broken_on_call_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise sandbox.SandboxError("the sandbox could not run 2 of 2 replies")
-        return real(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train.parallel, "evaluate_split", broken_on_call_3)
+        interrupt(patch, train.parallel, "evaluate_split", on_call=3,
+                  error=sandbox.SandboxError("the sandbox could not run 2 of 2 replies"))
         with pytest.raises(SystemExit) as stop:
             run(out, "--steps", "1")
     message = str(stop.value.code)

@@ -38,14 +38,15 @@ def records(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def interrupt(monkeypatch, module, name, on_call):
-    """Replace module.name by a function that raises KeyboardInterrupt on its on_call-th call (Ctrl-C)."""
+def interrupt(monkeypatch, module, name, on_call, error=KeyboardInterrupt):
+    """Replace module.name by a function that raises `error` on its on_call-th call (by default
+    KeyboardInterrupt: Ctrl-C)."""
     real, calls = getattr(module, name), []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == on_call:
-            raise KeyboardInterrupt
+            raise error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, interrupted)
