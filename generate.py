@@ -1,5 +1,6 @@
-"""Generation: sampling, prefill, the decode step, and generate(), the one entry point that evaluation,
-RL rollouts, both passes of adapt.py and the few-shot search call.
+"""Generation: sampling, prefill, the decode step, the step-wise Engine, and generate(), the one entry
+point that evaluation, RL rollouts, both passes of adapt.py and the few-shot search call. serve.py
+drives the same Engine one step at a time, adding requests as they arrive.
 
 generate() keeps `batch_size` rows busy (continuous batching). Every row of the KV cache holds one
 prompt at its own positions (model.KVCache), so prompts of any lengths share a batch with no padding
@@ -22,7 +23,7 @@ import math
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -125,173 +126,251 @@ def generate(
     return_logprobs: bool = False,
     progress: bool = False,
     desc: str = "generating",
+    row_adapter=None,
+    adapters: list[int] | None = None,
 ) -> Generation:
     """Replies for any number of token prompts, at most batch_size rows at a time (continuous batching).
 
     A row stops at an EOS token, when its text contains a stop string (cut before it), or after
     max_new_tokens (fewer when the prompt nearly fills the model's context). Prompts enter in order, so
-    a seeded sampling run gives the same replies each time (for the same batch_size).
+    a seeded sampling run gives the same replies each time (for the same batch_size). With a row_adapter
+    (svf.RowAdapter), adapters[i] is the slot prompt i runs with.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty token prompts")
     device = model.embed.weight.device
     budget = [max(min(max_new_tokens, model.args.max_seq_len - len(p)), 0) for p in prompts]
-    n_rows = min(batch_size, len(prompts))
     cache_len = max(len(p) + b for p, b in zip(prompts, budget))
-    step = compiled_decode
-    if step is not None:
+    if compiled_decode is not None:
         cache_len = max(min(-(-cache_len // CACHE_ROUND) * CACHE_ROUND, model.args.max_seq_len), cache_len)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
-    eos = set(tokenizer.eos_ids)
-
-    replies: list[list[int]] = [[] for _ in prompts]
-    reply_logprobs: list[list[float]] = [[] for _ in prompts]
-    finish: list[str | None] = [None] * len(prompts)
-    cut: list[int | None] = [None] * len(prompts)  # characters kept, for a reply stopped by a stop string
-    waiting = deque(i for i in range(len(prompts)) if budget[i] > 0)
-    for i in range(len(prompts)):
-        if budget[i] == 0:
-            finish[i] = "length"  # the prompt fills the context: nothing can be generated
+    adapters = adapters or [0] * len(prompts)
+    sequences = [Sequence(p, b, temperature, top_p, generator, stop, a, return_logprobs)
+                 for p, b, a in zip(prompts, budget, adapters)]
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
-    bar.update(len(prompts) - len(waiting))
-
-    # The active rows: row r of the cache holds prompt row_prompt[r], whose next token goes to slot
-    # position[r]; logits (n_active, vocab) predict each row's next token.
-    row_prompt: list[int] = []
-    position: list[int] = []
-    logits = None
-    repeats = Repeats(prompts)
-    model.setup_cache(n_rows, cache_len)
+    engine = Engine(model, tokenizer, min(batch_size, len(prompts)), cache_len, row_adapter, compiled_decode)
     try:
-        while waiting or row_prompt:
-            # Fill the free rows with waiting prompts, all in one prefill.
-            if waiting and len(row_prompt) < n_rows:
-                entering = [waiting.popleft() for _ in range(min(n_rows - len(row_prompt), len(waiting)))]
-                new_logits = admit(model, prompts, entering, row_prompt, repeats, tokenizer.pad_id)
-                logits = new_logits if logits is None else torch.cat([logits, new_logits])
-                position += [len(prompts[i]) for i in entering]
-
-            tokens = sample_next(logits, temperature, top_p, generator)  # (n_active,)
-            if return_logprobs:
-                chosen = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-                for r, value in enumerate(chosen.tolist()):
-                    reply_logprobs[row_prompt[r]].append(value)
-            # The host decides which rows end: one small transfer per step (the price of refilling rows).
-            ended = []
-            for r, token in enumerate(tokens.tolist()):
-                i = row_prompt[r]
-                replies[i].append(token)
-                if token in eos:
-                    finish[i] = "eos"
-                elif stop and _stop_string_cut(tokenizer, replies[i], stop, cut, i):
-                    finish[i] = "stop"
-                elif len(replies[i]) >= budget[i]:
-                    finish[i] = "length"
-                if finish[i] is not None:
-                    ended.append(r)
-
-            # Ended rows leave; the last row moves into each hole, so the active rows stay 0..n-1.
-            keep = list(range(len(row_prompt)))
-            for r in reversed(ended):
-                last = len(keep) - 1
-                if r != last:
-                    model.copy_cache_row(last, r, position[last])
-                    keep[r], row_prompt[r], position[r] = keep[last], row_prompt[last], position[last]
-                keep.pop(), row_prompt.pop(), position.pop()
-            bar.update(len(ended))
-            if not row_prompt:
-                logits = None
-                continue
-            if ended:
-                tokens = tokens[torch.tensor(keep, device=device)]
-
-            # One decode step for the rows that go on.
-            positions = torch.tensor(position, device=device)
-            if step is None:
-                logits = decode_one_token(model, tokens, positions, max(position) + 1)
-            else:  # fixed shapes: all n_rows rows (the idle ones compute unused logits), the whole cache
-                n_active = len(row_prompt)
-                fill = n_rows - n_active
-                tokens = torch.cat([tokens, tokens.new_full((fill,), tokenizer.pad_id)])
-                positions = torch.cat([positions, positions.new_zeros(fill)])
-                logits = step(model, tokens, positions, cache_len)[:n_active]
-            position = [p + 1 for p in position]
+        for seq in sequences:
+            engine.add(seq)  # a prompt that fills the context ends at once, with an empty reply
+        bar.update(sum(seq.finish is not None for seq in sequences))
+        while engine.busy():
+            bar.update(sum(seq.finish is not None for seq in engine.step()))
     finally:
-        model.clear_cache()
+        engine.close()
         bar.close()
-
-    texts = []
-    for i, reply in enumerate(replies):
-        if finish[i] == "eos":
-            texts.append(tokenizer.decode(reply[:-1]))
-        elif finish[i] == "stop":
-            texts.append(tokenizer.decode(reply)[: cut[i]])
-        else:
-            texts.append(tokenizer.decode(reply))
-    logprobs = [torch.tensor(lp, dtype=torch.float32) for lp in reply_logprobs] if return_logprobs else None
-    return Generation(texts, replies, finish, logprobs, sum(map(len, replies)))
+    logprobs = [torch.tensor(s.logprobs, dtype=torch.float32) for s in sequences] if return_logprobs else None
+    return Generation([s.text(tokenizer) for s in sequences], [s.tokens for s in sequences],
+                      [s.finish for s in sequences], logprobs, sum(len(s.tokens) for s in sequences))
 
 
-class Repeats:
-    """A prompt given several times (K samples of one prompt, as group rollouts ask) is prefilled once:
-    later copies take the cache slots of a row that holds it and the logits its prefill gave. The logits
-    are kept while copies of the prompt are still to come."""
+@dataclass(eq=False)
+class Sequence:
+    """One prompt being answered: how to generate its reply, and the reply so far. The engine fills in
+    tokens, logprobs, finish and cut; a caller reads them after each step (streaming) or at the end."""
 
-    def __init__(self, prompts):
-        self.keys = [tuple(p) for p in prompts]
-        self.to_come = Counter(self.keys)
-        self.logits: dict[tuple, torch.Tensor] = {}
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None  # rows sharing one generator are sampled in one call
+    stop: list[str] | None = None
+    adapter: int = 0  # the row adapter's slot (RowAdapter.slot) this reply runs with; 0 is the base weights
+    want_logprobs: bool = False
+    tokens: list[int] = field(default_factory=list)  # generated ids, including the EOS token if one was produced
+    logprobs: list[float] = field(default_factory=list)  # log p(token) at temperature 1, when want_logprobs
+    finish: str | None = None  # "eos", "stop", "length" or "cancelled" once it has ended
+    cut: int | None = None  # characters of the decoded reply kept, for a reply ended by a stop string
 
-    def entered(self, i: int, logits: torch.Tensor | None = None):
-        key = self.keys[i]
-        self.to_come[key] -= 1
-        if logits is not None and self.to_come[key] > 0:
-            self.logits[key] = logits
-        if self.to_come[key] == 0:
-            self.logits.pop(key, None)
-
-
-def admit(model, prompts, entering: list[int], row_prompt: list[int], repeats: Repeats, pad_id: int):
-    """Put the prompts `entering` into the next free cache rows (appended to row_prompt); returns the
-    logits for their first tokens (len(entering), vocab). One prefill for the prompts no row holds yet;
-    a repeat of a prompt some row holds copies that row's cache slots."""
-    device = model.embed.weight.device
-    holder = {repeats.keys[i]: r for r, i in enumerate(row_prompt)}  # a row holding each prompt now
-    first_row = len(row_prompt)
-    to_prefill = {}  # prompt -> its row, for prompts no row holds
-    for r, i in enumerate(entering, first_row):
-        key = repeats.keys[i]
-        if key not in holder and key not in to_prefill:
-            to_prefill[key] = r
-    row_prompt += entering
-    fresh = {}
-    if to_prefill:
-        rows = list(to_prefill.values())
-        out = prefill(model, [prompts[row_prompt[r]] for r in rows], torch.tensor(rows, device=device), pad_id)
-        fresh = dict(zip(rows, out))
-    logits = []
-    for r, i in enumerate(entering, first_row):
-        key = repeats.keys[i]
-        if r in fresh:
-            logits.append(fresh[r])
-            repeats.entered(i, fresh[r])
-        else:
-            source = holder.get(key, to_prefill.get(key))
-            model.copy_cache_row(source, r, len(prompts[i]))
-            logits.append(repeats.logits[key])  # kept when its first row entered, a copy being still to come
-            repeats.entered(i)
-    return torch.stack(logits)
+    def text(self, tokenizer: Tokenizer) -> str:
+        """The reply's text, cut before EOS or the stop string."""
+        if self.finish == "eos":
+            return tokenizer.decode(self.tokens[:-1])
+        text = tokenizer.decode(self.tokens)
+        return text[: self.cut] if self.cut is not None else text
 
 
-def _stop_string_cut(tokenizer, reply: list[int], stop: list[str], cut: list, i: int) -> bool:
+class Engine:
+    """Continuous batching one step at a time. add() queues a sequence at any moment; each step() admits
+    waiting sequences into free cache rows (one prefill), gives every active row one token, and lets
+    the rows that ended leave. generate() drives it for evaluation and RL rollouts; serve.py drives it
+    from a server thread, adding requests as they arrive and cancelling those whose client went away.
+
+    The cache has batch_size rows of cache_len slots; rows 0..n-1 are the active ones, in step with
+    `rows` (the sequence in each row) and `logits` (each row's prediction for its next token).
+    row_adapter (svf.RowAdapter or None): each row runs with the weights of its sequence's slot, so
+    sequences with different experts share a step."""
+
+    def __init__(self, model: m.Transformer, tokenizer: Tokenizer, batch_size: int, cache_len: int,
+                 row_adapter=None, decode_step=None):
+        self.model, self.batch_size, self.cache_len = model, batch_size, cache_len
+        self.tokenizer, self.eos = tokenizer, set(tokenizer.eos_ids)
+        self.row_adapter = row_adapter
+        self.decode_step = decode_step  # a compiled decode_one_token (fixed shapes), or None for eager
+        self.device = model.embed.weight.device
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []
+        self.position: list[int] = []  # the cache slot of each active row's next token
+        self.logits: torch.Tensor | None = None
+        # A prompt given several times (K samples of one prompt, as group rollouts ask) is prefilled once:
+        # later copies take the cache slots of a row that holds it and the logits its prefill gave, which
+        # are kept while copies of it are still waiting.
+        self.waiting_copies: Counter = Counter()
+        self.first_logits: dict[tuple, torch.Tensor] = {}
+        model.setup_cache(batch_size, cache_len)
+
+    def add(self, seq: Sequence):
+        """Queue a sequence; its budget is cut to what fits the cache after its prompt."""
+        if not seq.prompt:
+            raise ValueError("a sequence needs a non-empty prompt")
+        seq.max_new_tokens = max(min(seq.max_new_tokens, self.cache_len - len(seq.prompt)), 0)
+        if seq.max_new_tokens == 0:
+            seq.finish = "length"  # the prompt fills the context: nothing can be generated
+            return
+        self.waiting.append(seq)
+        self.waiting_copies[_key(seq)] += 1
+
+    def cancel(self, seq: Sequence):
+        """End a sequence now (its client went away): it leaves its row or the queue at the next step."""
+        if seq.finish is None:
+            seq.finish = "cancelled"
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def close(self):
+        self.model.clear_cache()
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One token for every active row; returns the sequences that got one (ended ones included)."""
+        self._leave([r for r, seq in enumerate(self.rows) if seq.finish is not None])  # cancelled
+        self._admit()
+        if not self.rows:
+            return []
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
+        for rows, (temperature, top_p, generator) in _sampling_groups(self.rows):
+            index = torch.tensor(rows, device=self.device) if len(rows) < len(self.rows) else slice(None)
+            tokens[index] = sample_next(self.logits[index], temperature, top_p, generator)
+        wanted = [r for r, seq in enumerate(self.rows) if seq.want_logprobs]
+        if wanted:
+            index = torch.tensor(wanted, device=self.device)
+            chosen = torch.log_softmax(self.logits[index], dim=-1).gather(-1, tokens[index, None]).squeeze(-1)
+            for r, value in zip(wanted, chosen.tolist()):
+                self.rows[r].logprobs.append(value)
+        # The host decides which rows end: one small transfer per step (the price of refilling rows).
+        stepped = list(self.rows)
+        for seq, token in zip(stepped, tokens.tolist()):
+            seq.tokens.append(token)
+            if token in self.eos:
+                seq.finish = "eos"
+            elif seq.stop and _stop_string_cut(self.tokenizer, seq):
+                seq.finish = "stop"
+            elif len(seq.tokens) >= seq.max_new_tokens:
+                seq.finish = "length"
+        keep = self._leave([r for r, seq in enumerate(self.rows) if seq.finish is not None])
+        if self.rows:
+            tokens = tokens[torch.tensor(keep, device=self.device)] if len(keep) < len(tokens) else tokens
+            self._decode(tokens)
+        return stepped
+
+    def _leave(self, ended: list[int]) -> list[int]:
+        """Ended rows leave; the last row moves into each hole, so the active rows stay 0..n-1. Returns,
+        for each row that stays, the row it was in."""
+        keep = list(range(len(self.rows)))
+        for r in reversed(ended):
+            last = len(keep) - 1
+            if r != last:
+                self.model.copy_cache_row(last, r, self.position[last])
+                keep[r], self.rows[r], self.position[r] = keep[last], self.rows[last], self.position[last]
+            keep.pop(), self.rows.pop(), self.position.pop()
+        if ended:
+            self.logits = self.logits[torch.tensor(keep, device=self.device)] if self.rows else None
+        return keep
+
+    def _admit(self):
+        """Fill the free rows with waiting sequences: one prefill for the prompts no row holds yet; a
+        copy of a prompt some row holds (with the same adapter) copies that row's cache slots."""
+        entering = []
+        while self.waiting and len(self.rows) + len(entering) < self.batch_size:
+            seq = self.waiting.popleft()
+            self.waiting_copies[_key(seq)] -= 1
+            if seq.finish is None:  # not cancelled while it waited
+                entering.append(seq)
+        if not entering:
+            return
+        holder = {_key(seq): r for r, seq in enumerate(self.rows) if _key(seq) in self.first_logits}
+        first_row = len(self.rows)
+        to_prefill = {}  # prompt key -> the row that prefills it
+        for r, seq in enumerate(entering, first_row):
+            if _key(seq) not in holder and _key(seq) not in to_prefill:
+                to_prefill[_key(seq)] = r
+        self.rows += entering
+        self.position += [len(seq.prompt) for seq in entering]
+        fresh = {}
+        if to_prefill:
+            rows = list(to_prefill.values())
+            if self.row_adapter is not None:
+                self.row_adapter.set_rows([self.rows[r].adapter for r in rows])
+            out = prefill(self.model, [self.rows[r].prompt for r in rows], torch.tensor(rows, device=self.device),
+                          self.tokenizer.pad_id)
+            fresh = dict(zip(rows, out))
+        logits = []
+        for r, seq in enumerate(entering, first_row):
+            key = _key(seq)
+            if r in fresh:
+                logits.append(fresh[r])
+                self.first_logits[key] = fresh[r]
+            else:
+                self.model.copy_cache_row(holder.get(key, to_prefill.get(key)), r, len(seq.prompt))
+                logits.append(self.first_logits[key])
+        for key in {_key(seq) for seq in entering}:
+            if self.waiting_copies[key] <= 0:  # no copy to come: the logits are not needed again
+                self.first_logits.pop(key, None)
+                del self.waiting_copies[key]
+        new = torch.stack(logits)
+        self.logits = new if self.logits is None else torch.cat([self.logits, new])
+
+    def _decode(self, tokens):
+        """The next logits of the active rows, which hold `tokens` at their positions."""
+        if self.row_adapter is not None:
+            self.row_adapter.set_rows([seq.adapter for seq in self.rows])
+        positions = torch.tensor(self.position, device=self.device)
+        if self.decode_step is None:
+            self.logits = decode_one_token(self.model, tokens, positions, max(self.position) + 1)
+        else:  # fixed shapes: every cache row (the idle ones compute unused logits), the whole cache
+            n_active, fill = len(self.rows), self.batch_size - len(self.rows)
+            tokens = torch.cat([tokens, tokens.new_full((fill,), self.tokenizer.pad_id)])
+            positions = torch.cat([positions, positions.new_zeros(fill)])
+            if self.row_adapter is not None:
+                self.row_adapter.set_rows([seq.adapter for seq in self.rows] + [0] * fill)
+            self.logits = self.decode_step(self.model, tokens, positions, self.cache_len)[:n_active]
+        self.position = [p + 1 for p in self.position]
+
+
+def _key(seq: Sequence) -> tuple:
+    """What a prefill depends on: the prompt and the weights it runs with."""
+    return (seq.adapter, *seq.prompt)
+
+
+def _sampling_groups(rows: list[Sequence]):
+    """Rows with the same sampling settings and generator, each group sampled in one call, in row order."""
+    groups: dict = {}
+    for r, seq in enumerate(rows):
+        greedy = seq.temperature < GREEDY_BELOW
+        key = (0.0, 1.0, None) if greedy else (seq.temperature, seq.top_p, seq.generator)
+        groups.setdefault((key[0], key[1], id(key[2])), ([], key))[0].append(r)
+    return list(groups.values())
+
+
+def _stop_string_cut(tokenizer, seq: Sequence) -> bool:
     """Whether the reply's text now holds a stop string; if so, remember where its text is cut."""
-    text = tokenizer.decode(reply)
-    hits = [text.find(s) for s in stop if s in text]
+    text = tokenizer.decode(seq.tokens)
+    hits = [text.find(s) for s in seq.stop if s in text]
     if hits:
-        cut[i] = min(hits)
+        seq.cut = min(hits)
     return bool(hits)
 
 

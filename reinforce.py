@@ -92,7 +92,7 @@ class Rollouts:
 def rollout(model, tokenizer, svf, task, examples, max_new_tokens: int, batch_size: int = 16,
             temperature: float = 0.0, seed: int | None = None, samples: int = 1) -> Rollouts:
     """Generate `samples` replies to each example with z merged into the weights (zero per-token
-    overhead), then score each reply. The copies of a prompt are prefilled once (generate.Repeats)."""
+    overhead), then score each reply. The copies of a prompt are prefilled once (generate.Engine)."""
     if samples > 1 and temperature == 0:
         raise ValueError(f"{samples} greedy replies to one prompt are all the same: sample (temperature > 0)")
     examples = [e for e in examples for _ in range(samples)]

@@ -111,12 +111,18 @@ class SVFLinear(nn.Module):
         self.merged_weight: torch.Tensor | None = None
         self.forward_kind = TRAINING_FORWARD
         self.use_compile = False
+        # Mode "rows" (RowAdapter): what the next forward runs each row with.
+        self.row_weight: torch.Tensor | None = None
+        self.row_groups: list | None = None
+        self.row_sigma: torch.Tensor | None = None
 
     def forward(self, x):
         if self.mode == "disabled":
             return self.base(x)
         if self.mode == "merged":
             return F.linear(x, self.merged_weight, self.base.bias)
+        if self.mode == "rows":  # each row of the batch with its own σ' (RowAdapter.set_rows)
+            return self.rows_forward(x)
         fn = factored_forward if self.forward_kind == "factored" else materialized_forward
         if self.use_compile:
             fn = compiled(fn)
@@ -133,6 +139,20 @@ class SVFLinear(nn.Module):
     def unmerge(self):
         self.merged_weight = None
         self.mode = "train"
+
+    def rows_forward(self, x):
+        """x (B, T, n): row b through U diag(σ'_b) Vᵀ. One dense weight when every row has the same
+        (row_weight), dense weights per group of rows (row_groups), else factored with σ' per row."""
+        if self.row_weight is not None:
+            return F.linear(x, self.row_weight, self.base.bias)
+        if self.row_groups is not None:
+            y = x.new_empty(*x.shape[:-1], self.U.shape[0])
+            for index, weight in self.row_groups:
+                y[index] = F.linear(x[index], weight, self.base.bias)
+            return y
+        y = (x @ self.Vh.transpose(0, 1)) * self.row_sigma.to(x.dtype)[:, None, :]  # (B, T, r)
+        y = y @ self.U.transpose(0, 1)
+        return y if self.base.bias is None else y + self.base.bias
 
 
 # ---- Which matrices, and their SVD (computed once in fp32, cached on disk)
@@ -470,6 +490,89 @@ def apply_expert(model: m.Transformer, path, merge: bool = True, shuffle_seed: i
     if merge:
         svf.set_mode("merged")
     return svf
+
+
+# ---- Many experts in one batch (serving)
+
+
+class RowAdapter:
+    """Rows of one batch, each with its own expert, mixture or none, in one forward. All experts of a
+    model share U and V; only σ' = σ ⊙ z differs, so a row runs through U diag(σ'_row) Vᵀ (factored:
+    r(m + n) multiply-adds per row instead of mn, no weight formed) with its own σ'. A forward whose rows
+    all use one slot runs that slot's dense weight instead: the base weight, or an expert added with
+    merge=True (its W' kept in memory: one more copy of the adapted matrices). generate.Engine calls
+    set_rows before every forward; bench/serve.py measures this against grouping rows over merged weights.
+
+        rows = RowAdapter(svf)                   # slot 0 is the base model
+        math = rows.add(z_math, merge=True)      # a slot per expert, or per request for a mixture
+        rows.set_rows([math, 0, math])           # the next forward: rows 0 and 2 with math, 1 with none
+    """
+
+    BASE = 0
+
+    def __init__(self, svf: "SVF", strategy: str = "factored"):
+        if strategy not in ("factored", "grouped"):
+            raise ValueError(f"unknown strategy {strategy!r}: factored or grouped")
+        self.svf, self.strategy = svf, strategy
+        self.layers = list(svf.modules.values())
+        # σ' of every slot, one (slots, r) table per layer; the base model's σ' is σ itself.
+        self.sigma = [layer.S[None].clone() for layer in self.layers]
+        self.dense: dict[int, list[torch.Tensor]] = {self.BASE: [layer.base.weight for layer in self.layers]}
+        self.free: list[int] = []
+        self.in_use = {self.BASE}
+        svf.set_mode("rows")
+
+    @torch.no_grad()
+    def add(self, z: dict[str, torch.Tensor], merge: bool = False) -> int:
+        """A new slot running with z (an expert's or a mixture's {matrix name: z}); merge=True also keeps
+        its dense W' for steps whose rows all use it."""
+        slot = self.free.pop() if self.free else len(self.sigma[0])
+        for i, (name, layer) in enumerate(self.svf.modules.items()):
+            sigma = scaled_sigma(layer.S, z[name].to(layer.S.device, torch.float32), self.svf.parametrization)
+            if slot == len(self.sigma[i]):
+                self.sigma[i] = torch.cat([self.sigma[i], sigma[None]])
+            else:
+                self.sigma[i][slot] = sigma
+        if merge or self.strategy == "grouped":
+            self.dense[slot] = [materialize(layer.U, layer.S, layer.Vh, z[name].to(layer.S.device, torch.float32),
+                                            self.svf.parametrization, layer.base.weight.dtype).contiguous()
+                                for name, layer in self.svf.modules.items()]
+        self.in_use.add(slot)
+        return slot
+
+    def remove(self, slot: int):
+        """Free a slot (a mixture whose request ended); its number may be given to a later add."""
+        if slot == self.BASE or slot not in self.in_use:
+            raise ValueError(f"slot {slot} is not an added slot")
+        self.in_use.discard(slot)
+        self.dense.pop(slot, None)
+        self.free.append(slot)
+
+    def set_rows(self, slots: list[int]):
+        """The slot of each row of the next forward, in row order."""
+        first = slots[0]
+        if all(s == first for s in slots) and first in self.dense:
+            for layer, weight in zip(self.layers, self.dense[first]):
+                layer.row_weight, layer.row_groups = weight, None
+            return
+        if self.strategy == "grouped":
+            groups = {}
+            for r, s in enumerate(slots):
+                groups.setdefault(s, []).append(r)
+            device = self.layers[0].S.device
+            index = {s: torch.tensor(rows, device=device) for s, rows in groups.items()}
+            for i, layer in enumerate(self.layers):
+                layer.row_weight = None
+                layer.row_groups = [(index[s], self.dense[s][i]) for s in groups]
+            return
+        index = torch.tensor(slots, device=self.layers[0].S.device)
+        for layer, sigma in zip(self.layers, self.sigma):
+            layer.row_weight, layer.row_groups, layer.row_sigma = None, None, sigma[index]
+
+    def close(self):
+        for layer in self.layers:
+            layer.row_weight = layer.row_groups = layer.row_sigma = None
+        self.svf.set_mode("train")
 
 
 # ---- Mixing experts (what few-shot adaptation searches over)
