@@ -111,8 +111,7 @@ def main(argv=None):
     start = time.perf_counter()
     pass1_replies = [None] * len(scored)
     if args.mode in ("prompt", "cls"):
-        trained_rule = experts.get(dispatch.CLASSIFIER, (None, {}))[1].get("label_rule", "lenient")
-        rule = args.label_rule or (trained_rule if args.mode == "cls" else "strict")
+        rule = args.label_rule or two_pass.label_rule(with_classifier=args.mode == "cls")
         choices, pass1_replies = two_pass.classify([task.question(e) for e in scored], with_classifier=args.mode == "cls",
                                               strict=rule == "strict")
         truth = task.category

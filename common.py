@@ -270,6 +270,24 @@ def cpu_has_native_bf16() -> bool:
 
 
 # The scripts' --dtype: "auto" is None here (load() decides), the others fix the weights' dtype.
+CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
+
+
+def cpu_description() -> str:
+    """The CPU's name and its flags that decide speed, for every timing a benchmark prints."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):  # what lscpu reads
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return f"cpu {name}; flags " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+
+
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_HELP = ("weights' dtype: auto = bf16 on a GPU; on a CPU bf16 where it has bf16 in hardware and a "
               "quick probe at load finds it faster, else fp32 (T2_DTYPE=fp32|bf16 fixes it). Logits are fp32 either way")

@@ -81,6 +81,7 @@ class TwoPass:
     def __init__(self, model, tokenizer, experts: dict[str, tuple[dict, dict]], batch_size: int = 32):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.experts = {name: z for name, (z, _) in experts.items()}
+        self.metadata = {name: meta for name, (_, meta) in experts.items()}
         self.skills = sorted(name for name in experts if name != CLASSIFIER)  # pass 1's categories; the order of α
         # Metadata is parsed through svf.expert_settings, which names the file and key of a damaged value.
         classifier = experts.get(CLASSIFIER, (None, None))[1]
@@ -112,6 +113,12 @@ class TwoPass:
         """The categories the pass-1 prompt offers: those the classifier was trained on, or (prompt mode)
         the skills of the experts at hand."""
         return self.classifier_categories if with_classifier else tuple(self.skills)
+
+    def label_rule(self, with_classifier: bool) -> str:
+        """How pass 1's reply names a category unless told otherwise: with the classification expert the
+        rule its reward was trained with (lenient for files that do not say), else the paper's (strict)."""
+        classifier = self.metadata.get(CLASSIFIER, {})
+        return classifier.get("label_rule", "lenient") if with_classifier else "strict"
 
     def classify(self, questions: list[str], with_classifier: bool, strict: bool = True, progress: bool = True):
         """The expert each question should use (a skill's name), or None for the base weights ('others',

@@ -43,7 +43,6 @@ import train  # noqa: E402
 OLD_COMMIT = "f089356"  # model.py of "today's path"
 SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 WORKLOADS = {  # prompts from (task, split); samples: copies of each prompt; batch: rows per batch / slots
     "gsm8k": dict(task="gsm8k", split="test", prompts=64, samples=1, tokens=256, temperature=0.0, batch=32),
     "arc": dict(task="arc_easy", split="train", prompts=128, samples=8, tokens=64, temperature=1.0, batch=32),
@@ -56,20 +55,6 @@ RL = dict(task="cls", prompts=CLS_CPU.batch_size, tokens=CLS_CPU.max_new_tokens,
           lr=CLS_CPU.lr, steps=CLS_CPU.steps, clip=CLS_CPU.clip)
 RL_QUICK = dict(prompts=4, tokens=8, micro_batch=2)
 old_model = None  # model.py at OLD_COMMIT, imported by main()
-
-
-def cpu_description() -> str:
-    name, flags = "unknown CPU", set()
-    try:
-        for line in open("/proc/cpuinfo"):  # what lscpu reads
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return f"cpu {name}; flags " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
 
 
 def import_old_model():
@@ -293,7 +278,7 @@ def main():
     threads = common.set_threads(args.threads)
     folder = common.resolve(args.model)
     old_model = import_old_model()
-    print(cpu_description())
+    print(common.cpu_description())
     print(f"model {folder.name}, cpu, torch threads {threads}, torch {torch.__version__}, generate.py from {gen.__file__}")
     workloads = {n: {**WORKLOADS[n], **(QUICK[n] if args.quick else {})} for n in args.workloads}
     if workloads and args.engines and args.dtypes:
