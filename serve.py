@@ -492,6 +492,7 @@ def create_app(server: Server):
         yield
         server.worker.stop()
         server.worker.join(timeout=30)
+        print("[serve] stopped", file=sys.stderr, flush=True)
 
     app = FastAPI(title="Transformer²", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 

@@ -517,7 +517,7 @@ class RowAdapter:
         self.layers = list(svf.modules.values())
         # σ' of every slot, one (slots, r) table per layer; the base model's σ' is σ itself.
         self.sigma = [layer.S[None].clone() for layer in self.layers]
-        self.dense: dict[int, list[torch.Tensor]] = {self.BASE: [layer.base.weight for layer in self.layers]}
+        self.dense: dict[int, list[torch.Tensor]] = {self.BASE: [layer.base.weight.detach() for layer in self.layers]}
         self.free: list[int] = []
         self.in_use = {self.BASE}
         svf.set_mode("rows")
