@@ -276,3 +276,34 @@ def test_dtype_probe_picks_the_faster(tiny_llama, monkeypatch):
         chosen, seconds = common.probe_cpu_dtype(model, rows=4)
         assert chosen == fast and model.embed.weight.dtype == fast
         assert seconds == {slow: 10, fast: 1}
+
+
+def test_engine_sequences_join_at_any_step_and_cancelled_ones_leave(tiny_llama):
+    """The step-wise engine as serve.py drives it: sequences added while others run (one of them a copy
+    of a running prompt), one cancelled mid-reply. Every other reply is the one generate() gives that
+    prompt alone; the cancelled one stops where it was and its row is used again."""
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    prompts = random_prompts((5, 2, 9, 4, 7), seed=8) + [random_prompts((5,), seed=8)[0]]
+    alone = [gen.generate(model, tokenizer, [p], max_new_tokens=10).tokens[0] for p in prompts]
+    engine = gen.Engine(model, tokenizer, batch_size=2, cache_len=32)
+    sequences = [gen.Sequence(p, 10) for p in prompts]
+    try:
+        engine.add(sequences[0])
+        engine.add(sequences[1])
+        engine.step()
+        engine.step()
+        engine.add(sequences[2])  # waits for a row
+        engine.cancel(sequences[1])
+        tokens_at_cancel = list(sequences[1].tokens)
+        engine.step()
+        assert sequences[1] not in engine.rows and sequences[2] in engine.rows
+        for seq in sequences[3:]:
+            engine.add(seq)
+            engine.step()
+        while engine.busy():
+            engine.step()
+    finally:
+        engine.close()
+    assert sequences[1].finish == "cancelled" and sequences[1].tokens == tokens_at_cancel
+    for i in (0, 2, 3, 4, 5):
+        assert sequences[i].tokens == alone[i], i

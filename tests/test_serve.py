@@ -70,7 +70,7 @@ class Served:
     def client(self, **kw):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=120, **kw)
 
     def stop(self):
         """SIGTERM, as a service manager or Ctrl-C stops it: it must exit cleanly and soon."""

@@ -540,3 +540,43 @@ def test_layers_subset_and_bad_arguments(tiny_llama):
         assert (model(TOKENS) - base).abs().max().item() > 1e-2
     with pytest.raises(ValueError, match="unknown forward"):
         adapter.configure_forward("dense")
+
+
+@pytest.mark.parametrize("strategy", ["factored", "grouped"])
+def test_row_adapter_runs_each_row_with_its_own_expert(tiny_llama, strategy):
+    """One forward over rows with different experts, a mixture and none equals, row by row, the forward
+    of that row alone with its expert merged (SVF.merged) or the base weights (SVF.disabled)."""
+    model, _ = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    adapter = svf.SVF(model, targets="mlp", parametrization="mask", cache=False, progress=False)
+    g = torch.Generator().manual_seed(3)
+    zs = [{n: torch.randn(layer.z.numel(), generator=g, dtype=torch.float64) for n, layer in adapter.modules.items()}
+          for _ in range(3)]
+    zs.append(svf.mix(zs[:2], torch.tensor([0.3, 0.9]), "mask"))
+    tokens = torch.randint(3, 96, (6, 5), generator=g)
+    choice = [None, 0, 1, 2, 3, 1]
+    expected = []
+    for row, c in zip(tokens, choice):
+        if c is None:
+            with adapter.disabled():
+                expected.append(model(row[None])[0])
+        else:
+            adapter.load_state(zs[c])
+            with adapter.merged():
+                expected.append(model(row[None])[0])
+    rows = svf.RowAdapter(adapter, strategy)
+    slots = [rows.add(z) for z in zs]
+    try:
+        rows.set_rows([svf.RowAdapter.BASE if c is None else slots[c] for c in choice])
+        got = model(tokens)
+        rows.set_rows([slots[1]] * 2)  # all rows on one slot: its dense weights when it has them
+        one = model(tokens[1:3])
+    finally:
+        rows.close()
+    # Merged weights are formed in fp32 (svf.materialize) and U, σ, V come from an fp32 SVD, so the rows
+    # agree to fp32 precision (differences ~1e-7; another expert's row differs by ~1e-2).
+    for r in range(len(choice)):
+        assert torch.allclose(got[r], expected[r], atol=1e-6), (r, (got[r] - expected[r]).abs().max())
+    assert torch.allclose(one[1], expected[2], atol=1e-6)
+    assert not torch.allclose(got[1], got[2], atol=1e-3)
+    rows.remove(slots[3])
+    assert rows.add(zs[3]) == slots[3]  # a freed slot is given again
