@@ -191,9 +191,9 @@ class Worker(threading.Thread):
         self.jobs.add(job)
         if job.alpha:
             job.mixture_slot = server.rows.add(server.two_pass.mixed(list(job.alpha), torch.tensor(list(job.alpha.values()))))
-        if job.model == "auto" and server.pass1_prompt(job.question) is not None:
-            job.pass1 = gen.Sequence(server.pass1_prompt(job.question), dispatch.CLASSIFY_TOKENS,
-                                     adapter=server.pass1_slot)
+        pass1_prompt = server.pass1_prompt(job.question) if job.model == "auto" else None
+        if pass1_prompt is not None:
+            job.pass1 = gen.Sequence(pass1_prompt, dispatch.CLASSIFY_TOKENS, adapter=server.pass1_slot)
             self._add(job.pass1, job)
         else:
             if job.model == "auto":
@@ -402,9 +402,14 @@ class Server:
         seq = job.answer
         if final:
             return seq.text(self.tokenizer)
-        text = self.tokenizer.decode(list(seq.tokens))
-        text = text.rstrip("\ufffd")
+        # The worker thread appends a token before it decides whether the reply ended, so the last token
+        # read here may be the EOS, or complete a stop string, of a reply not yet marked finished.
+        tokens = list(seq.tokens)
+        if tokens and tokens[-1] in self.tokenizer.eos_ids:
+            tokens.pop()
+        text = self.tokenizer.decode(tokens).rstrip("\ufffd")
         if job.stop:
+            text = text[: min([text.find(s) for s in job.stop if s in text], default=len(text))]
             text = text[: max(len(text) - (max(map(len, job.stop)) - 1), 0)]
         return text
 
