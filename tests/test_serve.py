@@ -368,7 +368,6 @@ def rss_kib(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
-@pytest.mark.slow
 def test_load_of_300_requests_from_16_clients(server):
     """300 requests from 16 clients, mixed experts, auto and mixtures, half streamed: every one answered,
     no error, and the server's memory back near its level before."""
