@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -183,9 +184,9 @@ def merged_gguf(args, folder: Path) -> Path:
     gguf = folder / f"{args.expert}.gguf"
     if not gguf.exists() or gguf.stat().st_mtime < expert.stat().st_mtime:
         print(f"[bench] exporting {expert.name} merged into the model as {gguf}", file=sys.stderr)
-        subprocess.run([sys.executable, "export.py", "--expert", str(expert), "--model", args.model, "--out",
-                        str(folder / f"{args.expert}-hf"), "--gguf", str(gguf), "--threads", str(args.threads)],
-                       cwd=ROOT, check=True)
+        with tempfile.TemporaryDirectory(dir=folder) as hf:  # export.py's Hugging Face folder: not needed here
+            subprocess.run([sys.executable, "export.py", "--expert", str(expert), "--model", args.model, "--out", hf,
+                            "--gguf", str(gguf), "--threads", str(args.threads)], cwd=ROOT, check=True)
     return gguf
 
 
