@@ -224,6 +224,7 @@ def main():
     p.add_argument("--serial-requests", type=common.positive_int, default=None,
                    help=f"requests of (c), sent one at a time (default {len(PROMPTS)}, every prompt once; --quick: 4)")
     p.add_argument("--max-tokens", type=common.positive_int, default=None, help="per request (default 64; --quick: 8)")
+    p.add_argument("--mixed", nargs="+", default=MIXED, help="the models of (b), in turn (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="1 and 4 clients, few requests, 8 tokens: a smoke run")
     p.add_argument("--threads", type=common.thread_count, default=2, help="CPU threads of each server")
     p.add_argument("--model", default=m.DEFAULT_MODEL)
@@ -242,7 +243,7 @@ def main():
     args = p.parse_args()
     clients = args.clients or ([1, 4] if args.quick else [1, 8, 32])
     max_tokens = args.max_tokens or (8 if args.quick else 64)
-    n_requests = {c: args.requests or (max(len(MIXED), c) if args.quick else max(8, 2 * c)) for c in clients}
+    n_requests = {c: args.requests or (max(len(args.mixed), c) if args.quick else max(8, 2 * c)) for c in clients}
     n_serial = args.serial_requests or (4 if args.quick else len(PROMPTS))
     # A kill (timeout, a job scheduler) ends the run through the finally below, which stops the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -269,14 +270,14 @@ def main():
         url = f"http://127.0.0.1:{port}/v1"
         threads = re.search(r"threads (\d+)", log.read_text())
         info = {"cpu": common.cpu_description(), "torch_threads": int(threads.group(1)) if threads else None,
-                "dtype": ours_dtype(args, log), "max_tokens": max_tokens, "mixed": MIXED, "llama_cpp_version": version}
+                "dtype": ours_dtype(args, log), "max_tokens": max_tokens, "mixed": args.mixed, "llama_cpp_version": version}
         # Warm-up, not timed: every model once, so first-use costs (kernels chosen, buffers sized) stay out.
-        measure(url, MIXED, len(MIXED), 4, args, log, warm_up=True)
+        measure(url, args.mixed, len(args.mixed), 4, args, log, warm_up=True)
         for c in clients:
             n = n_requests[c]
             print(f"[bench] ours, {c} clients, {n} requests", file=sys.stderr)
             rows["a", c] = measure(url, [args.expert] * n, c, max_tokens, args, log)
-            rows["b", c] = measure(url, [MIXED[i % len(MIXED)] for i in range(n)], c, max_tokens, args, log)
+            rows["b", c] = measure(url, [args.mixed[i % len(args.mixed)] for i in range(n)], c, max_tokens, args, log)
         print(f"[bench] ours, one at a time, {n_serial} requests", file=sys.stderr)
         rows["c", 1] = measure(url, [args.expert] * n_serial, 1, max_tokens, args, log)
         stop_server(ours)  # its threads would compete with llama.cpp's for the cores
@@ -299,7 +300,7 @@ def main():
         for proc in servers:
             stop_server(proc)
 
-    names = {"a": f"(a) one expert ({args.expert})", "b": "(b) mixed (" + ", ".join(MIXED) + " in turn)",
+    names = {"a": f"(a) one expert ({args.expert})", "b": "(b) mixed (" + ", ".join(args.mixed) + " in turn)",
              "c": "(c) one at a time", "d": f"(d) llama.cpp ({gguf.name if gguf else '-'})"}
     no_usage = sum(r["without_usage"] for r in rows.values())
     llama = f"{version}, {args.threads} threads" if version else "not run"
