@@ -151,26 +151,23 @@ class Worker(threading.Thread):
         self.inbox.put(("stop", None))
 
     def run(self):
-        engine = self.server.engine
         while not self.stopping:
-            self._take_inbox(block=not engine.busy())
-            if self.stopping:
-                break
-            self._expire()
             try:
-                stepped = engine.step()
-            except Exception:  # a failure of the model (out of memory, a kernel error): fail the jobs, go on
+                self._take_inbox(block=not self.server.engine.busy())
+                if self.stopping:
+                    break
+                self._expire()
+                for seq in self.server.engine.step():
+                    self._progress(seq)
+            except Exception:  # a failure while generating (out of memory, a kernel error): fail the jobs, go on
                 traceback.print_exc()
                 for job in list(self.jobs):
-                    self._end(job, ApiError(500, "the model failed while generating this reply; see the server log"))
-                engine.close()
-                self.server.engine = engine = self.server.new_engine()
-                continue
-            for seq in stepped:
-                self._progress(seq)
+                    self._end(job, ApiError(500, "the server failed while generating this reply; see its log"))
+                self.server.engine.close()
+                self.server.engine = self.server.new_engine()
         for job in list(self.jobs):
             self._end(job, ApiError(503, "the server is shutting down", code="shutting_down"))
-        engine.close()
+        self.server.engine.close()
 
     def _take_inbox(self, block: bool):
         while True:
@@ -274,7 +271,7 @@ class Server:
         self.context = min(args.max_context, self.model.args.max_seq_len)
         self.models = ["auto", "base", *self.two_pass.experts, "mixture"]
         self.engine = self.new_engine()
-        self.in_flight = 0  # jobs accepted and not ended, counted on the event loop's thread
+        self.in_flight = 0  # jobs accepted and not ended (the event loop adds them, the worker ends them; under lock)
         self.lock = threading.Lock()
         self.worker = Worker(self)
 
