@@ -501,7 +501,7 @@ class RowAdapter:
     r(m + n) multiply-adds per row instead of mn, no weight formed) with its own σ'. A forward whose rows
     all use one slot runs that slot's dense weight instead: the base weight, or an expert added with
     merge=True (its W' kept in memory: one more copy of the adapted matrices). generate.Engine calls
-    set_rows before every forward; bench/serve.py measures this against grouping rows over merged weights.
+    set_rows before every forward; bench/row_experts.py measures this against grouping rows over merged weights.
 
         rows = RowAdapter(svf)                   # slot 0 is the base model
         math = rows.add(z_math, merge=True)      # a slot per expert, or per request for a mixture

@@ -3,7 +3,7 @@
     python bench/row_experts.py                      # default model and experts, batch 8 and 32
     python bench/row_experts.py --batch 32 --dtype fp32
 
-Times one decode step (model.decode over a filled cache) for the same rows run five ways:
+Times one decode step (model.decode over a filled cache) for the same rows run four ways:
     one expert      every row with one expert merged into dense weights (what a batch of one expert costs)
     factored        rows spread over base + every expert, each row through U diag(σ'_row) Vᵀ
     grouped         the same rows grouped by expert, one dense product per expert's merged weights
@@ -55,7 +55,7 @@ def main():
     per_copy = sum(w.numel() * w.element_size() for w in grouped.dense[g_slots[1]])
 
     g = torch.Generator().manual_seed(0)
-    print(f"| batch | one expert (ms) | factored (ms) | grouped (ms) | factored, a mixture per row (ms) |")
+    print("| batch | one expert (ms) | factored (ms) | grouped (ms) | factored, a mixture per row (ms) |")
     print("|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         spread = [i % len(f_slots) for i in range(batch)]  # rows over base + every expert, interleaved
