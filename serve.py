@@ -255,9 +255,9 @@ class Worker(threading.Thread):
 class Server:
     def __init__(self, args):
         self.args = args
+        experts = dispatch.load_experts(args.experts)  # first: a wrong folder is reported before the model loads
         self.model, self.tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device,
                                             probe_rows=args.batch_size)
-        experts = dispatch.load_experts(args.experts)
         self.two_pass = dispatch.TwoPass(self.model, self.tokenizer, experts, args.batch_size)
         self.with_classifier = args.strategy == "cls"
         if self.with_classifier and dispatch.CLASSIFIER not in experts:
@@ -647,7 +647,10 @@ def main(argv=None):
         print(f"[serve] listening on {args.host}: reachable from other machines"
               f"{'' if args.api_key else ' with no --api-key'}", file=sys.stderr)
     print(f"[serve] {args.model}, experts {args.experts}, strategy {args.strategy}, threads {threads}", file=sys.stderr)
-    server = Server(args)
+    try:
+        server = Server(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:  # a model or experts folder that is not there or not usable
+        raise SystemExit(f"serve.py: {error}") from None
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
