@@ -192,10 +192,27 @@ class Attention(nn.Module):
             self.cache.fill(cache_rows, k, v)
         elif positions is not None:
             k, v = self.cache.append(positions, k, v, n_keys)  # (B, n_kv_heads, n_keys, head_dim)
-        # mask None: plain causal attention (the fused kernels' fast path).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if positions is not None:
+            y = decode_attention(q, k, v, mask)
+        else:  # mask None: plain causal attention (the fused kernels' fast path)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+def decode_attention(q, k, v, allowed):
+    """One query per row over its cached keys: q (B, n_heads, 1, head_dim), k and v (B, n_kv_heads,
+    n_keys, head_dim), allowed (B, 1, 1, n_keys) -> (B, n_heads, 1, head_dim). Two batched products and a
+    softmax in fp32 (or the inputs' dtype if wider), with the query heads that share a key/value head as
+    rows of one product. On a CPU in bf16, SDPA with this boolean mask took 7.2 ms a layer for 32 rows over
+    330 keys, 14x this; the whole decode step of the default model (bench/row_experts.py) went from 255
+    to 90 ms. In fp32 the two were within 10%."""
+    B, n_heads, _, head_dim = q.shape
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    q = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # query head h uses key/value head h // group
+    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * head_dim ** -0.5
+    scores = scores.masked_fill(~allowed.view(B, 1, 1, n_keys), float("-inf"))  # (B, n_kv_heads, group, n_keys)
+    return (torch.softmax(scores, dim=-1).to(v.dtype) @ v).view(B, n_heads, 1, head_dim)
 
 
 class MLP(nn.Module):
