@@ -310,13 +310,12 @@ class Engine:
         self.rows += entering
         self.position += [len(seq.prompt) for seq in entering]
         fresh = {}
-        if to_prefill:
-            rows = list(to_prefill.values())
+        for rows in _prefill_groups(list(to_prefill.values()), [len(self.rows[r].prompt) for r in to_prefill.values()]):
             if self.row_adapter is not None:
                 self.row_adapter.set_rows([self.rows[r].adapter for r in rows])
             out = prefill(self.model, [self.rows[r].prompt for r in rows], torch.tensor(rows, device=self.device),
                           self.tokenizer.pad_id)
-            fresh = dict(zip(rows, out))
+            fresh.update(zip(rows, out))
         logits = []
         for r, seq in enumerate(entering, first_row):
             key = _key(seq)
@@ -348,6 +347,20 @@ class Engine:
                 self.row_adapter.set_rows([seq.adapter for seq in self.rows] + [0] * fill)
             self.logits = self.decode_step(self.model, tokens, positions, self.cache_len)[:n_active]
         self.position = [p + 1 for p in self.position]
+
+
+def _prefill_groups(rows: list[int], lengths: list[int]) -> list[list[int]]:
+    """Rows to prefill, in groups whose prompts are at most twice as long as the group's shortest: one
+    prefill pads every prompt to its longest, and a 250-token prompt (pass 1's classification prompt)
+    among 40-token ones would make the batch pay six times the tokens it needs."""
+    groups: list[list[int]] = []
+    shortest = 0
+    for length, row in sorted(zip(lengths, rows)):
+        if not groups or length > 2 * shortest:
+            groups.append([])
+            shortest = length
+        groups[-1].append(row)
+    return groups
 
 
 def _key(seq: Sequence) -> tuple:

@@ -307,3 +307,17 @@ def test_engine_sequences_join_at_any_step_and_cancelled_ones_leave(tiny_llama):
     assert sequences[1].finish == "cancelled" and sequences[1].tokens == tokens_at_cancel
     for i in (0, 2, 3, 4, 5):
         assert sequences[i].tokens == alone[i], i
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_apart(tiny_llama, monkeypatch):
+    """One prefill pads every prompt to its longest: a 40-token prompt is prefilled apart from 3-5-token
+    ones (3 x 5 + 40 tokens, not 4 x 40), and the replies are those of each prompt alone."""
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    shapes = []
+    real_prefill = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda tokens, *a: shapes.append(tuple(tokens.shape)) or real_prefill(tokens, *a))
+    prompts = random_prompts((3, 4, 40, 5), seed=9)
+    out = gen.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    assert sorted(shapes) == [(1, 40), (3, 5)]
+    monkeypatch.setattr(model, "prefill", real_prefill)
+    assert out.tokens == [gen.generate(model, tokenizer, [p], max_new_tokens=6).tokens[0] for p in prompts]
