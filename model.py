@@ -204,9 +204,9 @@ def decode_attention(q, k, v, allowed):
     """One query per row over its cached keys: q (B, n_heads, 1, head_dim), k and v (B, n_kv_heads,
     n_keys, head_dim), allowed (B, 1, 1, n_keys) -> (B, n_heads, 1, head_dim). Two batched products and a
     softmax in fp32 (or the inputs' dtype if wider), with the query heads that share a key/value head as
-    rows of one product. On a CPU in bf16, SDPA with this boolean mask took 7.2 ms a layer for 32 rows over
-    330 keys, 14x this; the whole decode step of the default model (bench/row_experts.py) went from 255
-    to 90 ms. In fp32 the two were within 10%."""
+    rows of one product. SDPA with this boolean mask was an order of magnitude slower in bf16 on a CPU, and
+    its cost grew with the longest row, so one long row slowed every row's step (README, "Generation
+    speed"); in fp32 the two were alike."""
     B, n_heads, _, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     q = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # query head h uses key/value head h // group
