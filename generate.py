@@ -177,7 +177,7 @@ class Sequence:
     top_p: float = 1.0
     generator: torch.Generator | None = None  # rows sharing one generator are sampled in one call
     stop: list[str] | None = None
-    adapter: int = 0  # the row adapter's slot (RowAdapter.slot) this reply runs with; 0 is the base weights
+    adapter: int = 0  # the row adapter's slot (what RowAdapter.add returned) this reply runs with; 0 is the base weights
     want_logprobs: bool = False
     tokens: list[int] = field(default_factory=list)  # generated ids, including the EOS token if one was produced
     logprobs: list[float] = field(default_factory=list)  # log p(token) at temperature 1, when want_logprobs
@@ -270,6 +270,7 @@ class Engine:
                 seq.finish = "stop"
             elif len(seq.tokens) >= seq.max_new_tokens:
                 seq.finish = "length"
+        self.logits = None  # used up by the sampling; _decode gives the rows that stay their next ones
         keep = self._leave([r for r, seq in enumerate(self.rows) if seq.finish is not None])
         if self.rows:
             tokens = tokens[torch.tensor(keep, device=self.device)] if len(keep) < len(tokens) else tokens
@@ -286,7 +287,7 @@ class Engine:
                 self.model.copy_cache_row(last, r, self.position[last])
                 keep[r], self.rows[r], self.position[r] = keep[last], self.rows[last], self.position[last]
             keep.pop(), self.rows.pop(), self.position.pop()
-        if ended:
+        if ended and self.logits is not None:
             self.logits = self.logits[torch.tensor(keep, device=self.device)] if self.rows else None
         return keep
 
@@ -334,17 +335,18 @@ class Engine:
 
     def _decode(self, tokens):
         """The next logits of the active rows, which hold `tokens` at their positions."""
-        if self.row_adapter is not None:
-            self.row_adapter.set_rows([seq.adapter for seq in self.rows])
         positions = torch.tensor(self.position, device=self.device)
+        slots = [seq.adapter for seq in self.rows]
         if self.decode_step is None:
+            if self.row_adapter is not None:
+                self.row_adapter.set_rows(slots)
             self.logits = decode_one_token(self.model, tokens, positions, max(self.position) + 1)
         else:  # fixed shapes: every cache row (the idle ones compute unused logits), the whole cache
             n_active, fill = len(self.rows), self.batch_size - len(self.rows)
             tokens = torch.cat([tokens, tokens.new_full((fill,), self.tokenizer.pad_id)])
             positions = torch.cat([positions, positions.new_zeros(fill)])
             if self.row_adapter is not None:
-                self.row_adapter.set_rows([seq.adapter for seq in self.rows] + [0] * fill)
+                self.row_adapter.set_rows(slots + [0] * fill)
             self.logits = self.decode_step(self.model, tokens, positions, self.cache_len)[:n_active]
         self.position = [p + 1 for p in self.position]
 

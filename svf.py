@@ -527,16 +527,20 @@ class RowAdapter:
         """A new slot running with z (an expert's or a mixture's {matrix name: z}); merge=True also keeps
         its dense W' for steps whose rows all use it."""
         slot = self.free.pop() if self.free else len(self.sigma[0])
+        keep_dense = merge or self.strategy == "grouped"
+        dense = []
         for i, (name, layer) in enumerate(self.svf.modules.items()):
-            sigma = scaled_sigma(layer.S, z[name].to(layer.S.device, torch.float32), self.svf.parametrization)
+            z_layer = z[name].to(layer.S.device, torch.float32)
+            sigma = scaled_sigma(layer.S, z_layer, self.svf.parametrization)
             if slot == len(self.sigma[i]):
                 self.sigma[i] = torch.cat([self.sigma[i], sigma[None]])
             else:
                 self.sigma[i][slot] = sigma
-        if merge or self.strategy == "grouped":
-            self.dense[slot] = [materialize(layer.U, layer.S, layer.Vh, z[name].to(layer.S.device, torch.float32),
-                                            self.svf.parametrization, layer.base.weight.dtype).contiguous()
-                                for name, layer in self.svf.modules.items()]
+            if keep_dense:
+                dense.append(materialize(layer.U, layer.S, layer.Vh, z_layer, self.svf.parametrization,
+                                         layer.base.weight.dtype).contiguous())
+        if keep_dense:
+            self.dense[slot] = dense
         self.in_use.add(slot)
         return slot
 
