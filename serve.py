@@ -110,6 +110,9 @@ class Job:
     mixture_slot: int | None = None
     error: ApiError | None = None
     done: bool = False
+    # Tokens of the answer checked for EOS and stop strings: while the reply goes on none of them is an
+    # EOS and their text holds no whole stop string (the token being checked may be either).
+    checked: int = 0
     # Owned by the request's coroutine:
     loop: asyncio.AbstractEventLoop | None = None
     event: asyncio.Event | None = None
@@ -217,6 +220,8 @@ class Worker(threading.Thread):
         job = self.job_of.get(seq)
         if job is None:
             return
+        if seq is job.answer:
+            job.checked = len(seq.tokens)  # published after this step's end-of-reply checks
         if seq.finish is None:
             job.notify()
             return
@@ -399,14 +404,8 @@ class Server:
         seq = job.answer
         if final:
             return seq.text(self.tokenizer)
-        # The worker thread appends a token before it decides whether the reply ended, so the last token
-        # read here may be the EOS, or complete a stop string, of a reply not yet marked finished.
-        tokens = list(seq.tokens)
-        if tokens and tokens[-1] in self.tokenizer.eos_ids:
-            tokens.pop()
-        text = self.tokenizer.decode(tokens).rstrip("\ufffd")
+        text = self.tokenizer.decode(seq.tokens[: job.checked]).rstrip("\ufffd")
         if job.stop:
-            text = text[: min([text.find(s) for s in job.stop if s in text], default=len(text))]
             text = text[: max(len(text) - (max(map(len, job.stop)) - 1), 0)]
         return text
 
