@@ -63,7 +63,7 @@ def main(argv=None):
                         "Hugging Face folder (export.py; in the dtype the run used: --dtype fp32 for an exact merge)")
     p.add_argument("--device", default=None)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the decode step (auto: on a GPU)")
+                   help="torch.compile the decode step (auto: on a GPU, where steps are also captured as CUDA graphs)")
     p.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
     p.add_argument("--threads", type=common.thread_count, default=None)
     args = p.parse_args(argv)
@@ -97,8 +97,8 @@ def main(argv=None):
     # The dtype probe times the rows generation will really run: no more than the prompts of one pass.
     model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device,
                               probe_rows=min(args.batch_size, max(len(scored), len(shots))))
-    if common.compile_wanted(args.compile, model.embed.weight.device):
-        gen.compile_decode()
+    device = model.embed.weight.device
+    print(f"[adapt] {gen.setup_decode(common.compile_wanted(args.compile, device), device)}", file=sys.stderr)
     if args.lora:
         import lora
 

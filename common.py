@@ -303,31 +303,43 @@ def cast_weights(model: torch.nn.Module, dtype: torch.dtype):
 # larger batch is timed at 128 rows, so that a huge --batch-size or --gen-batch costs the probe neither
 # memory nor time (a batch of 10**8 rows would need 230 GB for the embeddings alone).
 PROBE_MAX_ROWS = 128
+# The probe's decode step attends over this many cached keys, about where a GSM8K reply is halfway
+# (a 100-token prompt and 190 of 256 tokens): attention over the cache is part of what a dtype costs
+# (SDPA's bf16 kernel on a CPU once took half of a step), and a cache-less forward does not show it.
+PROBE_KEYS = 256
+PROBE_CACHE_BYTES = 2**30  # fewer rows are timed when their cache would need more
 
 
 @torch.no_grad()  # not inference_mode: the cast weights must stay usable by training's autograd
 def probe_cpu_dtype(model: torch.nn.Module, rows: int, repeats: int = 3) -> tuple[torch.dtype, dict]:
     """The faster weight dtype for this model on this CPU, fp32 or bf16, timed on what generation does
-    most: a forward of `rows` one-token rows (a decode step's matrix shapes), at most PROBE_MAX_ROWS.
+    most: a decode step of `rows` rows (at most PROBE_MAX_ROWS) over PROBE_KEYS cached keys each.
     The answer depends on the CPU and the rows (with AMX, bf16 is faster at 16-128 rows and slower at
     one: docs/findings.md). Leaves the model in the chosen dtype; returns it and {dtype: best seconds}."""
-    rows = max(1, min(rows, PROBE_MAX_ROWS))
-    tokens = torch.randint(model.args.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
+    args = model.args
+    row_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (PROBE_KEYS + 1) * 4  # keys and values, fp32
+    rows = max(1, min(rows, PROBE_MAX_ROWS, PROBE_CACHE_BYTES // row_bytes))
+    tokens = torch.randint(args.vocab_size, (rows,), generator=torch.Generator().manual_seed(0))
+    positions = torch.full((rows,), PROBE_KEYS)
     seconds = {}
     for dtype in (torch.float32, torch.bfloat16):
         cast_weights(model, dtype)
-        model(tokens)  # warm-up: oneDNN picks and caches its kernels on the first call
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(tokens)
-            times.append(time.perf_counter() - start)
+        model.setup_cache(rows, PROBE_KEYS + 1)  # zeros: the values do not change the cost
+        try:
+            model.decode(tokens, positions, PROBE_KEYS + 1)  # warm-up: oneDNN picks and caches its kernels
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.decode(tokens, positions, PROBE_KEYS + 1)
+                times.append(time.perf_counter() - start)
+        finally:
+            model.clear_cache()
         seconds[dtype] = min(times)
     best = min(seconds, key=seconds.get)
     cast_weights(model, best)
-    print(f"[model] weights in {str(best).removeprefix('torch.')}: a {rows}-row decode-shaped forward took "
-          f"{seconds[torch.bfloat16] * 1e3:.1f} ms in bf16, {seconds[torch.float32] * 1e3:.1f} ms in fp32 on this "
-          f"CPU (--dtype or T2_DTYPE to choose)", file=sys.stderr)
+    print(f"[model] weights in {str(best).removeprefix('torch.')}: a {rows}-row decode step over {PROBE_KEYS} cached "
+          f"keys took {seconds[torch.bfloat16] * 1e3:.1f} ms in bf16, {seconds[torch.float32] * 1e3:.1f} ms in fp32 "
+          f"on this CPU (--dtype or T2_DTYPE to choose)", file=sys.stderr)
     return best, seconds
 
 

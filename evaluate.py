@@ -124,7 +124,7 @@ def main():
     parser.add_argument("--out", default=DEFAULTS["out"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the decode step (auto: on a GPU)")
+                        help="torch.compile the decode step (auto: on a GPU, where steps are also captured as CUDA graphs)")
     parser.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
     parser.add_argument("--threads", type=common.thread_count, default=None, help="torch CPU threads (default: free cores)")
     args = parser.parse_args()
@@ -165,8 +165,8 @@ def main():
     # The dtype probe times the rows generation will really run: no more than there are examples.
     model, tokenizer = m.load(args.model, dtype=common.DTYPES[args.dtype], device=args.device,
                               probe_rows=min(args.batch_size, len(examples)))
-    if common.compile_wanted(args.compile, model.embed.weight.device):
-        gen.compile_decode()
+    device = model.embed.weight.device
+    print(f"[evaluate] {gen.setup_decode(common.compile_wanted(args.compile, device), device)}")
     if args.expert:
         import svf
 

@@ -93,23 +93,138 @@ def decode_one_token(model, tokens, positions, n_keys: int):
     return model.decode(tokens, positions, n_keys)
 
 
-# A compiled decode step (compile_decode) needs fixed shapes: every row of the cache runs, over the
-# whole cache, and cache lengths are rounded up to a multiple of CACHE_ROUND (few shapes to compile).
-compiled_decode = None
-CACHE_ROUND = 256
+# ---- How the decode step runs
+#
+# Eager (the default on a CPU): each step runs the active rows over the keys written so far, so its
+# shapes change with every token and every row that ends. Static (configure_decode): the rows are padded
+# up to one of a few batch sizes (batch_buckets) and the keys up to a multiple of KEY_BLOCK, so a run
+# meets a bounded number of shapes; the step can then be torch.compile'd, and on a GPU each shape is
+# captured once as a CUDA graph and replayed, which launches a whole step's kernels at once instead of
+# one by one from Python (at batch 1 the launches, not the GPU, set the speed).
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    static: bool = False  # padded batch and keys (compile and graphs imply it)
+    compile: bool = False  # torch.compile the step (Triton on a GPU, a C++ compiler on a CPU)
+    graphs: bool = False  # capture each shape as a CUDA graph (GPU only)
+    mode: str | None = None  # torch.compile's mode ("reduce-overhead": inductor's own CUDA graphs)
+
+
+decode_settings = DecodeSettings()
+KEY_BLOCK = 128  # a static step attends over the cache up to the next multiple of this
+_compiled_steps: dict = {}
+
+
+def configure_decode(compile: bool = False, graphs: bool = False, mode: str | None = None, static: bool = False):
+    """How generate() and every Engine made afterwards run the decode step: eager (the defaults), or
+    static shapes (static=True alone: eager at padded shapes), compiled and/or captured as CUDA graphs."""
+    global decode_settings
+    if graphs and not torch.cuda.is_available():
+        raise ValueError("CUDA graphs need a CUDA GPU; on a CPU use compile=True or the eager step")
+    decode_settings = DecodeSettings(static or compile or graphs, compile, graphs, mode)
+
+
+def setup_decode(compile: bool, device) -> str:
+    """The scripts' choice (--compile): on a GPU, static steps captured as CUDA graphs, compiled unless
+    --compile off; on a CPU eager, or compiled with --compile on. Returns a description."""
+    on_gpu = torch.device(device).type == "cuda"
+    configure_decode(compile=compile, graphs=on_gpu)
+    kind = ("compiled" if compile else "eager") + (", CUDA graphs" if on_gpu else "")
+    return f"decode step: {kind}" + (f" (static shapes: batch buckets, keys in blocks of {KEY_BLOCK})" if compile or on_gpu else "")
 
 
 def compile_decode(mode: str | None = None):
-    """From now on generate() decodes with a torch.compile'd step, compiled once per batch size and cache
-    length. mode: torch.compile's ("reduce-overhead" adds CUDA graphs). Needs a compiler toolchain
-    (Triton on a GPU, a C++ compiler on a CPU)."""
-    global compiled_decode
-    compiled_decode = torch.compile(decode_one_token, dynamic=False, mode=mode)
+    """From now on the decode step is torch.compile'd (static shapes). mode: torch.compile's."""
+    configure_decode(compile=True, mode=mode)
 
 
 def use_eager_decode():
-    global compiled_decode
-    compiled_decode = None
+    configure_decode()
+
+
+def round_up(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them) >= n."""
+    power = 1
+    while power < n:
+        if power * 3 // 2 >= n and power > 1:
+            return power * 3 // 2
+        power *= 2
+    return power
+
+
+def batch_buckets(batch_size: int) -> list[int]:
+    """The batch sizes a static step runs: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5
+    times them) up to batch_size, and batch_size itself. A step pads its rows up to the next size, so
+    it computes at most 1.5x the rows it needs (nano-vllm pads to 1, 2, 4, 8 and multiples of 16)."""
+    sizes, power = {batch_size}, 1
+    while power < batch_size:
+        sizes.update(s for s in (power, power * 3 // 2) if 0 < s < batch_size)
+        power *= 2
+    return sorted(sizes)
+
+
+class StaticStep:
+    """The decode steps of one Engine at static shapes: `shape` gives the padded batch and key count of
+    a step, and `run` computes it from inputs copied into fixed buffers. With graphs, each shape is run
+    once eagerly (which also compiles it), then captured as a CUDA graph, and replayed from then on; all
+    graphs share one memory pool and write their logits into one buffer, so they cost little memory
+    beyond the largest step. A run of generate() meets at most len(batch_buckets) x
+    ceil(cache_len / KEY_BLOCK) shapes (`graphs` holds one per shape met). Graphs last one Engine (one
+    generate() call): a graph reads the weight tensors it was captured with, and between calls the
+    weights may be others (an RL step merges its z into new ones)."""
+
+    def __init__(self, model: m.Transformer, batch_size: int, cache_len: int, settings: DecodeSettings):
+        self.model, self.cache_len, self.settings = model, cache_len, settings
+        self.sizes = batch_buckets(batch_size)
+        device = model.embed.weight.device
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.step = decode_one_token
+        if settings.compile:
+            key = settings.mode
+            if key not in _compiled_steps:  # one compiled function per mode: its compilations are reused
+                _compiled_steps[key] = torch.compile(decode_one_token, mode=settings.mode, dynamic=True)
+            self.step = _compiled_steps[key]
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if settings.graphs:
+            self.logits = torch.empty(batch_size, model.args.vocab_size, dtype=torch.float32, device=device)
+            self.pool = torch.cuda.graph_pool_handle()
+
+    def shape(self, n_rows: int, n_keys: int) -> tuple[int, int]:
+        rows = next(s for s in self.sizes if s >= n_rows)
+        return rows, min(-(-n_keys // KEY_BLOCK) * KEY_BLOCK, self.cache_len)
+
+    def run(self, tokens, positions, rows: int, n_keys: int):
+        """Logits (len(tokens), vocab) of the active rows 0..n-1, computed as `rows` rows over n_keys keys;
+        the padding rows are idle cache rows, whose slot 0 they overwrite (a row is prefilled before use)."""
+        n = len(tokens)
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        self.positions[n:rows].zero_()
+        if not self.settings.graphs:
+            return self.step(self.model, self.tokens[:rows], self.positions[:rows], n_keys)[:n]
+        graph = self.graphs.get((rows, n_keys))
+        if graph is None:
+            graph = self.graphs[(rows, n_keys)] = self._capture(rows, n_keys)
+        graph.replay()
+        return self.logits[:n]
+
+    def _capture(self, rows: int, n_keys: int):
+        def step():
+            self.logits[:rows].copy_(self.step(self.model, self.tokens[:rows], self.positions[:rows], n_keys))
+
+        # The first run (which also compiles) outside the graph, on a side stream as torch.cuda.graphs asks;
+        # it writes the same cache slots the replay then writes again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step()
+        return graph
 
 
 @torch.inference_mode()
@@ -141,8 +256,6 @@ def generate(
     device = model.embed.weight.device
     budget = [max(min(max_new_tokens, model.args.max_seq_len - len(p)), 0) for p in prompts]
     cache_len = max(len(p) + b for p, b in zip(prompts, budget))
-    if compiled_decode is not None:
-        cache_len = max(min(-(-cache_len // CACHE_ROUND) * CACHE_ROUND, model.args.max_seq_len), cache_len)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -151,7 +264,7 @@ def generate(
     sequences = [Sequence(p, b, temperature, top_p, generator, stop, a, return_logprobs)
                  for p, b, a in zip(prompts, budget, adapters)]
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
-    engine = Engine(model, tokenizer, min(batch_size, len(prompts)), cache_len, row_adapter, compiled_decode)
+    engine = Engine(model, tokenizer, min(batch_size, len(prompts)), cache_len, row_adapter)
     try:
         for seq in sequences:
             engine.add(seq)  # a prompt that fills the context ends at once, with an empty reply
@@ -201,25 +314,46 @@ class Engine:
     The cache has batch_size rows of cache_len slots; rows 0..n-1 are the active ones, in step with
     `rows` (the sequence in each row) and `logits` (each row's prediction for its next token).
     row_adapter (svf.RowAdapter or None): each row runs with the weights of its sequence's slot, so
-    sequences with different experts share a step."""
+    sequences with different experts share a step. settings: how the decode step runs (decode_settings
+    when None).
+
+    On a GPU the host reads each step's sampled tokens once (it decides which rows end), and by default
+    (overlap) the next decode step is launched before that read, for every row, so the GPU computes
+    step N+1 while the host waits for and handles step N's tokens; a row that turns out to have ended
+    wasted that one row-step. On a CPU, where nothing runs while the host waits, overlap is off."""
 
     def __init__(self, model: m.Transformer, tokenizer: Tokenizer, batch_size: int, cache_len: int,
-                 row_adapter=None, decode_step=None):
+                 row_adapter=None, settings: DecodeSettings | None = None, overlap: bool | None = None):
         self.model, self.batch_size, self.cache_len = model, batch_size, cache_len
         self.tokenizer, self.eos = tokenizer, set(tokenizer.eos_ids)
         self.row_adapter = row_adapter
-        self.decode_step = decode_step  # a compiled decode_one_token (fixed shapes), or None for eager
         self.device = model.embed.weight.device
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        settings = settings or decode_settings
+        if settings.graphs and row_adapter is not None:
+            raise ValueError("a row adapter swaps tensors between steps, which a CUDA graph cannot follow: "
+                             "decode eagerly or compiled without graphs")
+        self.static = StaticStep(model, batch_size, cache_len, settings) if settings.static else None
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []
         self.position: list[int] = []  # the cache slot of each active row's next token
+        self.positions: torch.Tensor | None = None  # the same on the device; None when rows changed
         self.logits: torch.Tensor | None = None
         # A prompt given several times (K samples of one prompt, as group rollouts ask) is prefilled once:
         # later copies take the cache slots of a row that holds it and the logits its prefill gave, which
         # are kept while copies of it are still waiting.
         self.waiting_copies: Counter = Counter()
         self.first_logits: dict[tuple, torch.Tensor] = {}
-        model.setup_cache(batch_size, cache_len)
+        if self.static is None:
+            model.setup_cache(batch_size, cache_len)
+        else:
+            # A compiled step specialises on the cache's shape, so static steps keep one cache from call to
+            # call (the larger of the sizes asked for, its length rounded up to 1, 1.5, 2, 3, 4, 6, ...
+            # blocks), and compile again only when it grows. Its keys are never a whole cache row (one slot
+            # more than any step attends to): a whole row is a contiguous slice, which the compiler would
+            # take for another shape.
+            blocks = min(round_up(-(-(cache_len + 1) // KEY_BLOCK)), -(-(model.args.max_seq_len + 1) // KEY_BLOCK))
+            model.setup_cache(batch_size, blocks * KEY_BLOCK, keep_larger=True)
 
     def add(self, seq: Sequence):
         """Queue a sequence; its budget is cut to what fits the cache after its prompt."""
@@ -241,7 +375,9 @@ class Engine:
         return bool(self.waiting or self.rows)
 
     def close(self):
-        self.model.clear_cache()
+        """Free the KV cache; a static step's stays for the next call (model.clear_cache() frees it)."""
+        if self.static is None:
+            self.model.clear_cache()
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
@@ -252,17 +388,24 @@ class Engine:
             return []
         tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
         for rows, (temperature, top_p, generator) in _sampling_groups(self.rows):
-            index = torch.tensor(rows, device=self.device) if len(rows) < len(self.rows) else slice(None)
+            index = self._on_device(rows) if len(rows) < len(self.rows) else slice(None)
             tokens[index] = sample_next(self.logits[index], temperature, top_p, generator)
+        to_read = [tokens]
         wanted = [r for r, seq in enumerate(self.rows) if seq.want_logprobs]
         if wanted:
-            index = torch.tensor(wanted, device=self.device)
-            chosen = torch.log_softmax(self.logits[index], dim=-1).gather(-1, tokens[index, None]).squeeze(-1)
-            for r, value in zip(wanted, chosen.tolist()):
-                self.rows[r].logprobs.append(value)
+            index = self._on_device(wanted)
+            to_read.append(torch.log_softmax(self.logits[index], dim=-1).gather(-1, tokens[index, None]).squeeze(-1))
         # The host decides which rows end: one small transfer per step (the price of refilling rows).
+        # It starts now; with overlap, the next step is launched before the host waits for it.
+        read = _start_reading(to_read)
         stepped = list(self.rows)
-        for seq, token in zip(stepped, tokens.tolist()):
+        decoded = self.overlap and not all(len(seq.tokens) + 1 >= seq.max_new_tokens for seq in stepped)
+        if decoded:
+            self._decode(tokens)
+        host = read()
+        for r, value in zip(wanted, host[1] if wanted else []):
+            self.rows[r].logprobs.append(value)
+        for seq, token in zip(stepped, host[0]):
             seq.tokens.append(token)
             if token in self.eos:
                 seq.finish = "eos"
@@ -270,12 +413,20 @@ class Engine:
                 seq.finish = "stop"
             elif len(seq.tokens) >= seq.max_new_tokens:
                 seq.finish = "length"
-        self.logits = None  # used up by the sampling; _decode gives the rows that stay their next ones
+        if not decoded:
+            self.logits = None  # used up by the sampling; _decode gives the rows that stay their next ones
         keep = self._leave([r for r, seq in enumerate(self.rows) if seq.finish is not None])
-        if self.rows:
-            tokens = tokens[torch.tensor(keep, device=self.device)] if len(keep) < len(tokens) else tokens
-            self._decode(tokens)
+        if self.rows and not decoded:
+            self._decode(tokens[self._on_device(keep)] if len(keep) < len(tokens) else tokens)
         return stepped
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """A list of ints as a tensor on the model's device. On a GPU through pinned memory and without
+        waiting: a plain copy from the host would first wait for every kernel already launched."""
+        tensor = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _leave(self, ended: list[int]) -> list[int]:
         """Ended rows leave; the last row moves into each hole, so the active rows stay 0..n-1. Returns,
@@ -287,8 +438,10 @@ class Engine:
                 self.model.copy_cache_row(last, r, self.position[last])
                 keep[r], self.rows[r], self.position[r] = keep[last], self.rows[last], self.position[last]
             keep.pop(), self.rows.pop(), self.position.pop()
-        if ended and self.logits is not None:
-            self.logits = self.logits[torch.tensor(keep, device=self.device)] if self.rows else None
+        if ended:
+            self.positions = None
+            if self.logits is not None:
+                self.logits = self.logits[self._on_device(keep)] if self.rows else None
         return keep
 
     def _admit(self):
@@ -310,6 +463,7 @@ class Engine:
                 to_prefill[_key(seq)] = r
         self.rows += entering
         self.position += [len(seq.prompt) for seq in entering]
+        self.positions = None
         fresh = {}
         for rows in _prefill_groups(list(to_prefill.values()), [len(self.rows[r].prompt) for r in to_prefill.values()]):
             if self.row_adapter is not None:
@@ -335,20 +489,36 @@ class Engine:
 
     def _decode(self, tokens):
         """The next logits of the active rows, which hold `tokens` at their positions."""
-        positions = torch.tensor(self.position, device=self.device)
-        slots = [seq.adapter for seq in self.rows]
-        if self.decode_step is None:
+        if self.positions is None:  # rows joined or left: the device copy is made again
+            self.positions = self._on_device(self.position)
+        n_keys, slots = max(self.position) + 1, [seq.adapter for seq in self.rows]
+        if self.static is None:
             if self.row_adapter is not None:
                 self.row_adapter.set_rows(slots)
-            self.logits = decode_one_token(self.model, tokens, positions, max(self.position) + 1)
-        else:  # fixed shapes: every cache row (the idle ones compute unused logits), the whole cache
-            n_active, fill = len(self.rows), self.batch_size - len(self.rows)
-            tokens = torch.cat([tokens, tokens.new_full((fill,), self.tokenizer.pad_id)])
-            positions = torch.cat([positions, positions.new_zeros(fill)])
+            self.logits = decode_one_token(self.model, tokens, self.positions, n_keys)
+        else:
+            rows, n_keys = self.static.shape(len(self.rows), n_keys)
             if self.row_adapter is not None:
-                self.row_adapter.set_rows(slots + [0] * fill)
-            self.logits = self.decode_step(self.model, tokens, positions, self.cache_len)[:n_active]
+                self.row_adapter.set_rows(slots + [0] * (rows - len(slots)))
+            self.logits = self.static.run(tokens, self.positions, rows, n_keys)
         self.position = [p + 1 for p in self.position]
+        self.positions = self.positions + 1  # a new tensor: a step still queued on the GPU may read the old one
+
+
+def _start_reading(tensors: list[torch.Tensor]):
+    """Start copying small device tensors to the host; the returned function waits for them and gives
+    them as lists. On a GPU the copy goes to pinned memory without waiting for kernels launched after it."""
+    if tensors[0].device.type != "cuda":
+        return lambda: [t.tolist() for t in tensors]
+    host = [t.to("cpu", non_blocking=True) for t in tensors]
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait():
+        copied.synchronize()
+        return [t.tolist() for t in host]
+
+    return wait
 
 
 def _prefill_groups(rows: list[int], lengths: list[int]) -> list[list[int]]:

@@ -298,8 +298,18 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, allowed[:, None, None, :], positions=positions, n_keys=n_keys)
         return self.lm_head(self.norm(x)[:, 0]).float()  # (B, vocab)
 
-    def setup_cache(self, batch_size: int, max_len: int):
+    def setup_cache(self, batch_size: int, max_len: int, keep_larger: bool = False):
+        """A KV cache of batch_size rows of max_len slots in every layer. keep_larger: keep the cache there
+        is if it has at least that many rows and slots (in the weights' dtype), else make one with the
+        larger of each, so that calls that alternate between sizes settle on one cache."""
         p = self.embed.weight
+        old = self.layers[0].attn.cache
+        if keep_larger and old is not None and old.k.dtype == p.dtype:
+            rows, length = old.k.shape[0], old.k.shape[2]
+            if rows >= batch_size and length >= max_len:
+                return
+            batch_size, max_len = max(rows, batch_size), max(length, max_len)
+        self.clear_cache()  # the old cache's memory is free before the new one is made
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)
 

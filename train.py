@@ -154,7 +154,8 @@ def parse_args(argv=None):
                    help="REINFORCE on the task's reward, or supervised next-token loss on reference replies")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the SVF training forward and the decode step of the rollouts and "
-                        "evaluations (auto: on a GPU; on a CPU it did not help in bench/svf.py)")
+                        "evaluations (auto: on a GPU, where decode steps are captured as CUDA graphs either way; "
+                        "on a CPU it did not help in bench/svf.py)")
     p.add_argument("--dtype", choices=common.DTYPES, default="auto", help=common.DTYPE_HELP)
     p.add_argument("--label-rule", choices=("strict", "lenient"),
                    help="--task cls only: how a reply names its category, for the reward: strict, boxed only (the "
@@ -325,8 +326,7 @@ def run(config: dict, state: dict | None, threads: int | None, rank: int, world:
     model, tokenizer = m.load(config["model"], dtype=common.DTYPES[config["dtype"]], device=config["device"],
                               probe_rows=config["gen_batch"])
     config["weights_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
-    if config["compile"]:
-        gen.compile_decode()
+    print(f"[train] {gen.setup_decode(config['compile'], model.embed.weight.device)}")
     torch.manual_seed(config["seed"])
     if config["method"] == "lora":
         adapter = LoRA(model, seed=config["seed"])

@@ -1,18 +1,29 @@
-"""GPU check and timings for model.py at real sizes, with random weights (no real weights travel).
+"""Speed and correctness at the paper's scale on a GPU, with random weights (no real weights travel).
 
-    python bench/gpu.py                 # Llama-3-8B and Mistral-7B shapes, bf16
-    python bench/gpu.py --quick         # smaller runs
+    python bench/gpu.py                                      # every part, Llama-3-8B shapes, bf16
+    python bench/gpu.py --parts decode rl --quick            # some parts, shorter workloads
+    python bench/gpu.py --device cpu --shapes tiny --quick   # a smoke run of every part on a CPU
 
-1. Correctness on the GPU: a tiny random Llama in fp32 against transformers on the same device (when
-   transformers is installed), and batched ragged generation against one prompt at a time.
-2. Speed at real shapes in bf16: prefill, batch-1 decode and batched decode tok/s, with the bound that
-   memory bandwidth sets for batch-1 decode (all weight bytes read once per token); decoding eager,
-   with the torch.compile'd step the scripts use on a GPU, and with CUDA graphs (reduce-overhead).
-Prints the card's name with every number.
+Parts (each line printed names the device):
+  check   correctness on the device: a tiny random Llama in fp32 against transformers; batched
+          generation with rows ending and refilled against one prompt at a time; every decode setting
+          (static shapes, CUDA graphs, compiled, compiled + graphs), and overlap on and off, token for
+          token against the plain eager step.
+  decode  useful tok/s of three workloads (the paper's RL batch: 256 prompts x 128 tokens -> 512 new at
+          batch 256; 32 x 32 -> 256 at batch 32; 1 x 32 -> 128) for each decode setting and for
+          transformers' generate (eager, sdpa); the batch-1 share of the memory-bandwidth bound; each
+          setting's first run (compilation, graph capture) and how many shapes it captured.
+  rl      one paper-preset RL step (train.py's PAPER settings): SVD of the MLP matrices on the device
+          (--svd-matrices of them timed, the others given random factors), rollouts of 256 prompts x up to
+          512 tokens with z merged (random weights never emit EOS: every reply is 512 tokens, the worst
+          case), the packed policy-gradient update with the KL term (reinforce.train_step, --kl), AdamW;
+          seconds per phase and peak memory.
+  svf     the SVF training step (forward + backward, mask on the MLP matrices, factored) eager and
+          torch.compile'd, against the frozen model's forward + backward.
 """
 
 import argparse
-import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -20,9 +31,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the transformers reference of the check
 import generate as gen  # noqa: E402
 import model as m  # noqa: E402
+import reinforce  # noqa: E402
+import svf as svf_lib  # noqa: E402
+import train  # noqa: E402
 
 SHAPES = {
     "Llama-3-8B": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
@@ -33,6 +49,15 @@ SHAPES = {
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
                        rms_norm_eps=1e-5, max_position_embeddings=32768, rope_theta=1000000.0,
                        sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "tiny": dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-5,
+                 max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+}
+# (name, prompts, prompt tokens, new tokens, batch); --quick divides prompts and tokens by 4
+WORKLOADS = [("RL batch", 256, 128, 512, 256), ("batch 32", 32, 32, 256, 32), ("batch 1", 1, 32, 128, 1)]
+SETTINGS = {  # name -> generate.configure_decode arguments
+    "eager": {}, "static": dict(static=True), "graphs": dict(graphs=True), "compiled": dict(compile=True),
+    "compiled+graphs": dict(compile=True, graphs=True),
 }
 
 
@@ -44,49 +69,17 @@ class NoTokenizer:
         return ""
 
 
-def sync():
-    if torch.cuda.is_available():
+def sync(device):
+    if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def copy_bandwidth(n_bytes=2 * 2**30) -> float:
-    x = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    sync()
-    start = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    return 2 * n_bytes * 10 / (time.perf_counter() - start)  # read + write
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
-def correctness(device):
-    print("== correctness on", torch.cuda.get_device_name())
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        try:
-            from tiny_models import tiny_hf_model  # tests/, put on sys.path above
-            hf = tiny_hf_model("llama", folder).to(device)
-            ours, tok = m.load(folder, dtype=torch.float32, device=device)
-            tokens = torch.randint(3, 96, (2, 24), device=device)
-            with torch.no_grad():
-                diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
-            print(f"tiny Llama fp32 logits vs transformers on {device}: max |diff| {diff:.2e}")
-        except ImportError as e:
-            print(f"transformers not available ({e}); skipping the parity check")
-            return
-        g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-        batched = gen.generate(ours, tok, prompts, max_new_tokens=12, batch_size=2)
-        single = [gen.generate(ours, tok, [p], max_new_tokens=12).tokens[0] for p in prompts]
-        print(f"continuous batching, ragged, greedy == one at a time (fp32, {device}): {batched.tokens == single}")
-        for mode in (None, "reduce-overhead"):
-            gen.compile_decode(mode=mode)
-            compiled = gen.generate(ours, tok, prompts, max_new_tokens=12, batch_size=2)
-            print(f"compiled decode step ({mode or 'default'}) greedy == eager (fp32, {device}): {compiled.tokens == batched.tokens}")
-        gen.use_eager_decode()
+def peak_memory(device) -> str:
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a on a CPU"
 
 
 def random_model(config: dict, device, dtype=torch.bfloat16):
@@ -105,164 +98,372 @@ def random_model(config: dict, device, dtype=torch.bfloat16):
     return model.eval().requires_grad_(False)
 
 
-def time_generate(model, batch, prompt_len, new_tokens):
-    prompts = [torch.randint(0, model.args.vocab_size, (prompt_len,)).tolist() for _ in range(batch)]
-    gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=batch)  # warm-up (and compilation)
-    sync()
-    start = time.perf_counter()
-    gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=batch)
-    sync()
-    return batch * new_tokens / (time.perf_counter() - start)
+def random_prompts(n, length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def speed(name, config, quick, compile_modes=("default", "reduce-overhead")):
-    device = torch.device("cuda")
-    model = random_model(config, device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    card = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
-    tokens = torch.randint(0, config["vocab_size"], (1, 512), device=device)
-    with torch.inference_mode():
-        model(tokens, last_only=True)
-        sync()
-        start = time.perf_counter()
-        for _ in range(5):
-            model(tokens, last_only=True)
-        sync()
-    prefill_tps = 5 * 512 / (time.perf_counter() - start)
-    print(f"== {name} shapes, bf16, random weights, {card}")
-    print(f"weights {weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 decode bound "
-          f"{bandwidth / weight_bytes:.0f} tok/s; prefill 1x512: {prefill_tps:,.0f} tok/s")
-    # Eager decoding, then the torch.compile'd step that evaluate.py / adapt.py / train.py use on a GPU
-    # (generate.compile_decode), then with CUDA graphs; each warmed up (and compiled) at the timed shapes.
-    for mode in ("eager", *compile_modes):
+# ---- check
+
+
+def run_engine(model, tokenizer, prompts, batch_size, new_tokens, overlap):
+    engine = gen.Engine(model, tokenizer, batch_size, max(map(len, prompts)) + new_tokens, overlap=overlap)
+    sequences = [gen.Sequence(p, new_tokens, want_logprobs=True) for p in prompts]
+    try:
+        for seq in sequences:
+            engine.add(seq)
+        while engine.busy():
+            engine.step()
+    finally:
+        engine.close()
+    return [seq.tokens for seq in sequences], [torch.tensor(seq.logprobs) for seq in sequences]
+
+
+def check(device, settings):
+    name = device_name(device)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        try:
+            from tiny_models import tiny_hf_model
+            hf = tiny_hf_model("llama", folder).to(device)
+        except ImportError as e:
+            print(f"check: transformers not available ({e}); skipping the parity check")
+            return
+        ours, tokenizer = m.load(folder, dtype=torch.float32, device=device)
+        tokens = torch.randint(3, 96, (2, 24), device=device)
+        with torch.no_grad():
+            diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+        print(f"check: tiny Llama fp32 logits vs transformers on {name}: max |diff| {diff:.2e}")
+        prompts = [random_prompts(1, n, 96, seed=i)[0] for i, n in enumerate((3, 11, 7, 1, 6, 9, 2))]
         gen.use_eager_decode()
-        if mode != "eager":
-            gen.compile_decode(mode=None if mode == "default" else mode)
-        start = time.perf_counter()
-        single = time_generate(model, 1, 32, 64 if quick else 128)
-        batched = time_generate(model, 32, 32, 64 if quick else 256)
-        print(f"decode {mode:>15}: batch 1 {single:.1f} tok/s ({single * weight_bytes / bandwidth:.0%} of the bound) | "
-              f"batch 32 {batched:.0f} tok/s aggregate | {time.perf_counter() - start:.0f} s with warm-up and compilation")
-    gen.use_eager_decode()
-    print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    del model
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+        tokenizer.eos_ids = []
+        free = gen.generate(ours, tokenizer, prompts, max_new_tokens=24)
+        tokenizer.eos_ids = [free.tokens[0][9]]  # rows end at different steps
+        single = [gen.generate(ours, tokenizer, [p], max_new_tokens=24).tokens[0] for p in prompts]
+        reference, reference_logp = run_engine(ours, tokenizer, prompts, 3, 24, overlap=False)
+        lengths = sorted({len(t) for t in reference})
+        print(f"check: batched (3 rows, 7 prompts, reply lengths {lengths}) == one prompt at a time: {reference == single}")
+        for setting in dict.fromkeys(["eager", *settings]):
+            if setting not in SETTINGS or (device.type != "cuda" and "graphs" in setting):
+                continue
+            gen.configure_decode(**SETTINGS[setting])
+            for overlap in (False, True):
+                if setting == "eager" and not overlap:
+                    continue
+                out, logp = run_engine(ours, tokenizer, prompts, 3, 24, overlap)
+                worst = max((a - b).abs().max().item() for a, b in zip(logp, reference_logp) if len(a) == len(b))
+                print(f"check: decode {setting}, overlap {'on' if overlap else 'off'} == eager, overlap off (fp32, {name}): "
+                      f"{out == reference}; max |log p diff| {worst:.1e}")
+        gen.use_eager_decode()
 
 
-def warm_up_gpu(seconds: float = 3.0):
-    """Run large matrix products for a few seconds first: the first model timed otherwise ran 3-4x slower
-    (clocks ramping up, lazy kernel loading), which a short warm-up generation did not hide."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+# ---- decode
+
+
+def copy_bandwidth(device, n_bytes=2 * 2**30) -> float:
+    x = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    sync(device)
+    return 2 * n_bytes * 5 / (time.perf_counter() - start)  # read + write
+
+
+def warm_up_device(device, seconds: float = 3.0):
+    """Large matrix products for a few seconds first: the first model timed once ran 3-4x slower."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ a
-        sync()
+        sync(device)
 
 
-def attention_probe(lengths=range(33, 65), batch=1):
-    """Time one decode-shaped attention call (Llama-3-8B heads, a boolean mask, growing key length) twice
-    over the same lengths: the first pass meets each shape for the first time. If the first pass is much
-    slower under the default backends but not with cuDNN attention left out, per-shape plan building
-    (cuDNN SDPA) explains why the first model timed in a run decoded 3-4x slower than later ones with
-    the same attention shapes."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+class Captures:
+    """Counts the CUDA graphs the static steps capture, and their seconds, while timing."""
 
-    def one_pass(length_offset):
-        times = []
-        for n in lengths:
-            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(batch, 8, n + length_offset, 128, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            mask = torch.ones(batch, 1, 1, n + length_offset, dtype=torch.bool, device="cuda")
-            sync()
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        real = gen.StaticStep._capture
+
+        def counted(step, rows, n_keys):
             start = time.perf_counter()
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            sync()
-            times.append(time.perf_counter() - start)
-        return 1e3 * sum(times) / len(times)
+            graph = real(step, rows, n_keys)
+            self.count += 1
+            self.seconds += time.perf_counter() - start
+            return graph
 
-    variants = {"default backends": None,
-                "no cuDNN (flash, efficient, math)": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
-    for i, (label, backends) in enumerate(variants.items()):  # each variant on key lengths not met before
-        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-            first, again = one_pass(i * 1000), one_pass(i * 1000)
-        print(f"attention probe, {label}: new shapes {first:.2f} ms per call, same shapes again {again:.2f} ms")
+        gen.StaticStep._capture = counted
 
 
-def svf_step(name, config, batch=8, seq=256, repeats=5, device="cuda", dtype=torch.bfloat16):
+def time_ours(model, prompts, new_tokens, batch, device):
+    """(first run s, timed run s): the first run meets every shape (compiles, captures) at the timed ones."""
+    times = []
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=batch)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def hf_model(config, device):
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model("llama" if "Llama" in config["architectures"][0] else "mistral",
+                                                  **{k: v for k, v in config.items() if k != "architectures"})
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa")
+    return model.eval().requires_grad_(False)
+
+
+def time_hf(model, prompts, new_tokens, batch, device):
+    """transformers' generate in static batches of the same size, exactly new_tokens each (no EOS)."""
+    def run(tokens):
+        for start in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[start:start + batch], device=device)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    times = []
+    for tokens in (min(new_tokens, 16), new_tokens):  # a short warm-up: nothing to compile
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            run(tokens)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def decode(name, config, device, settings, quick, with_hf):
+    card = device_name(device)
+    scale = 4 if quick else 1
+    workloads = [(w, max(n // scale, 1), p, t // scale, max(b // scale, 1)) for w, n, p, t, b in WORKLOADS]
+    model = random_model(config, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    bound = bandwidth / weight_bytes
+    print(f"== decode, {name} shapes, bf16, random weights, {card}: weights {weight_bytes / 1e9:.1f} GB, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s, batch-1 bound {bound:.0f} tok/s")
+    captures = Captures()
+    results = {}
+    for setting in settings:
+        gen.configure_decode(**SETTINGS[setting])
+        for workload, n, prompt_len, new_tokens, batch in workloads:
+            prompts = random_prompts(n, prompt_len, config["vocab_size"])
+            captures.count, captures.seconds = 0, 0.0
+            compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            first, timed = time_ours(model, prompts, new_tokens, batch, device)
+            results[(setting, workload)] = n * new_tokens / timed
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
+            print(f"ours {setting:>15} | {workload:>8} ({n} x {prompt_len} -> {new_tokens}, batch {batch}) | "
+                  f"{results[(setting, workload)]:,.1f} tok/s" +
+                  (f" ({results[(setting, workload)] / bound:.0%} of the bound)" if batch == 1 else "") +
+                  f" | first run {first:.1f} s, {captures.count} graphs captured in {captures.seconds:.1f} s, "
+                  f"{compiled} graphs compiled | {card}")
+    gen.use_eager_decode()
+    gen._compiled_steps.clear()
+    torch._dynamo.reset()  # compiled code may hold the model: free its memory before transformers' copy
+    del model
+    if with_hf:
+        try:
+            hf = hf_model(config, device)
+        except ImportError as e:
+            print(f"transformers not available ({e}): no comparison")
+            return results
+        for workload, n, prompt_len, new_tokens, batch in workloads:
+            prompts = random_prompts(n, prompt_len, config["vocab_size"])
+            first, timed = time_hf(hf, prompts, new_tokens, batch, device)
+            results[("hf", workload)] = n * new_tokens / timed
+            print(f"transformers eager sdpa | {workload:>8} | {results[('hf', workload)]:,.1f} tok/s | {card}")
+        del hf
+        print(f"| setting | {' | '.join(w for w, *_ in workloads)} |")
+        print(f"|---|{'---:|' * len(workloads)}")
+        for setting in [*settings, "hf"]:
+            cells = [f"{results[(setting, w)]:,.0f} ({results[(setting, w)] / results[('hf', w)]:.2f}x)"
+                     for w, *_ in workloads]
+            print(f"| {'transformers' if setting == 'hf' else 'ours ' + setting} | {' | '.join(cells)} |")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+# ---- rl
+
+
+def random_factors(out_features, in_features, device, dtype):
+    """Factors of the SVD's shapes without computing one: a step costs the same whatever their values."""
+    r = min(out_features, in_features)
+    U = (torch.randn(out_features, r, device=device) / math.sqrt(out_features)).to(dtype)
+    Vh = (torch.randn(r, in_features, device=device) / math.sqrt(in_features)).to(dtype)
+    return U, torch.rand(r, device=device).sort(descending=True).values, Vh
+
+
+def rl_step(name, config, device, quick, svd_matrices, kl, decode_setting):
+    card = device_name(device)
+    paper = train.PAPER
+    scale = 4 if quick else 1
+    prompts_n, prompt_len, new_tokens = paper.batch_size // scale, 128 // scale, 512 // scale
+    gen_batch = paper.gen_batch // scale if quick else paper.gen_batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = random_model(config, device)
+    names = svf_lib.target_names(model, paper.targets)
+    timed = names[:svd_matrices]
+    sync(device)
+    start = time.perf_counter()
+    factors = {}
+    for n in timed:  # what svf.decompose does for each matrix
+        U, S, Vh = torch.linalg.svd(model.get_submodule(n).weight.float(), full_matrices=False)
+        factors[n] = (U.to(torch.bfloat16).contiguous(), S, Vh.to(torch.bfloat16).contiguous())
+    sync(device)
+    svd_seconds = time.perf_counter() - start
+    for n in names[svd_matrices:]:
+        factors[n] = random_factors(*model.get_submodule(n).weight.shape, device, torch.bfloat16)
+    real_decompose = svf_lib.decompose
+    svf_lib.decompose = lambda model, names, cache=True, progress=True: {n: factors[n] for n in names}
+    try:
+        adapter = svf_lib.SVF(model, targets=paper.targets, parametrization=paper.param, progress=False)
+    finally:
+        svf_lib.decompose = real_decompose
+    factors = None  # the SVF layers hold them now
+    per_matrix = svd_seconds / max(len(timed), 1)
+    print(f"== RL step, {name} shapes, bf16, random weights, train.py's PAPER settings, {card}")
+    print(f"SVD (fp32) of {len(timed)} of the {len(names)} {paper.targets.upper()} matrices: {svd_seconds:.1f} s, "
+          f"{per_matrix:.2f} s each; all {len(names)} at that rate: {per_matrix * len(names):.0f} s (a one-off per model, "
+          f"cached on disk) | {card}")
+
+    optimizer, scheduler = reinforce.make_optimizer(adapter.parameters(), paper.lr, total_steps=10)
+    prompts = random_prompts(prompts_n, prompt_len, config["vocab_size"])
+    gen.configure_decode(**SETTINGS[decode_setting])
+    phases = {}
+    for attempt in ("first", "timed"):  # the first step meets every shape (compiles, captures)
+        sync(device)
+        start = time.perf_counter()
+        with adapter.merged():
+            out = gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=gen_batch)
+        sync(device)
+        rollout_seconds = time.perf_counter() - start
+        rewards = torch.tensor([1.0 if i % 3 == 0 else -1.0 for i in range(prompts_n)])  # a reward is a number
+        rollouts = reinforce.Rollouts(prompts, out.tokens, out.texts, [r > 0 for r in rewards.tolist()], rewards)
+        start = time.perf_counter()
+        stats = reinforce.train_step(model, adapter, rollouts, optimizer, scheduler, baseline=paper.baseline,
+                                     kl_coef=kl, micro_batch=paper.micro_batch, clip=paper.clip)
+        sync(device)
+        phases[attempt] = (rollout_seconds, time.perf_counter() - start, stats)
+    gen.use_eager_decode()
+    rollout_seconds, update_seconds, stats = phases["timed"]
+    tokens = prompts_n * new_tokens
+    print(f"rollouts: {prompts_n} prompts x {prompt_len} tokens -> {new_tokens} new each ({tokens:,} tokens), "
+          f"{gen_batch} rows, decode {decode_setting}: {rollout_seconds:.1f} s, {tokens / rollout_seconds:,.0f} tok/s "
+          f"(first step {phases['first'][0]:.1f} s) | {card}")
+    print(f"update: packed policy gradient + KL (λ = {kl}) over {prompts_n} replies in micro-batches of "
+          f"{paper.micro_batch}, AdamW: {update_seconds:.1f} s (first step {phases['first'][1]:.1f} s); "
+          f"kl {stats['kl']:.2e}, grad norm {stats['grad_norm']:.2e} | {card}")
+    step = rollout_seconds + update_seconds
+    print(f"one RL step: {step:.1f} s; peak memory {peak_memory(device)} | {card}")
+    import tasks
+
+    examples = len(tasks.get("gsm8k").load("train"))
+    steps = math.ceil(examples / paper.batch_size)
+    print(f"one epoch of train.py's GSM8K train split ({examples} examples, {steps} steps of {paper.batch_size}) at "
+          f"this rate, every reply {new_tokens} tokens: {steps * step / 60:.0f} min, evaluations not included | {card}")
+    adapter.remove()
+    del model, adapter, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- svf
+
+
+def svf_step(name, config, device, quick, batch=8, seq=256, repeats=5):
     """Forward+backward of one batch with SVF on the MLP matrices against the frozen base model's
-    (backward through every layer to the embeddings, no weight gradients). The factors are random
-    orthonormal matrices of the right shapes, not a real SVD: the cost of a step does not depend on
-    the values, and 96 fp32 SVDs of 4096x14336 would spend the device time on a one-off."""
-    import svf as svf_lib
-
-    device = torch.device(device)
-    model = random_model(config, device, dtype)
-
-    def random_factors(model, names, cache=True, progress=True):
-        factors = {}
-        for n in names:
-            out_features, in_features = model.get_submodule(n).weight.shape
-            r = min(out_features, in_features)
-            U = torch.linalg.qr(torch.randn(out_features, r, device=device))[0].to(dtype)
-            Vh = torch.linalg.qr(torch.randn(in_features, r, device=device))[0].T.contiguous().to(dtype)
-            factors[n] = (U, torch.rand(r, device=device).sort(descending=True).values, Vh)
-        return factors
-
-    svf_lib.decompose = random_factors
-    adapter = svf_lib.SVF(model, targets="mlp", parametrization="mask", progress=False)
+    (backward through every layer to the embeddings, no weight gradients), the SVF forward eager and
+    torch.compile'd."""
+    card = device_name(device)
+    if quick:
+        batch, seq, repeats = 2, 64, 3
+    model = random_model(config, device)
+    real_decompose = svf_lib.decompose
+    svf_lib.decompose = lambda model, names, cache=True, progress=True: {
+        n: random_factors(*model.get_submodule(n).weight.shape, device, torch.bfloat16) for n in names}
+    try:
+        adapter = svf_lib.SVF(model, targets="mlp", parametrization="mask", progress=False)
+    finally:
+        svf_lib.decompose = real_decompose
     tokens = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
 
-    def step():
-        loss = model(tokens).logsumexp(-1).mean()  # any scalar of the logits: the cost is the same
-        loss.backward()
-
-    def timed(mode):
+    def timed(mode, use_compile=False):
+        adapter.configure_forward(svf_lib.TRAINING_FORWARD, use_compile=use_compile)
         times = []
-        for i in range(repeats + 1):
+        for _ in range(repeats + 1):  # the first call compiles
             with adapter.mode(mode):
                 for p in adapter.parameters():
                     p.requires_grad_(mode == "train")
                 model.embed.weight.requires_grad_(mode == "disabled")  # the base step still runs a full backward
-                sync()
+                sync(device)
                 start = time.perf_counter()
-                step()
-                sync()
+                model(tokens).logsumexp(-1).mean().backward()  # any scalar of the logits: the cost is the same
+                sync(device)
                 times.append(time.perf_counter() - start)
                 model.zero_grad(set_to_none=True)
                 for p in adapter.parameters():
                     p.grad = None
         model.embed.weight.requires_grad_(False)
-        return sorted(times[1:])[len(times[1:]) // 2]
+        return sorted(times[1:])[len(times[1:]) // 2], times[0]
 
-    base, svf_time = timed("disabled"), timed("train")
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"== SVF training step, {name} shapes, {dtype}, batch {batch} x {seq}, {card}")
-    print(f"base fwd+bwd {base * 1e3:.0f} ms | SVF (mask, MLP, factored) fwd+bwd {svf_time * 1e3:.0f} ms | "
-          f"ratio {svf_time / base:.2f}x | {adapter.num_parameters():,} trainable" +
-          (f" | peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""))
+    base, _ = timed("disabled")
+    eager, _ = timed("train")
+    compiled, first = timed("train", use_compile=True)
+    adapter.configure_forward(svf_lib.TRAINING_FORWARD, use_compile=False)
+    print(f"== SVF training step, {name} shapes, bf16, batch {batch} x {seq}, {card}")
+    print(f"base fwd+bwd {base * 1e3:.0f} ms | SVF (mask, MLP, {svf_lib.TRAINING_FORWARD}) eager {eager * 1e3:.0f} ms "
+          f"({eager / base:.2f}x) | compiled {compiled * 1e3:.0f} ms ({compiled / base:.2f}x; first call {first:.0f} s) | "
+          f"{adapter.num_parameters():,} trainable | peak memory {peak_memory(device)} | {card}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    parser.add_argument("--no-svf", action="store_true", help="skip the SVF training-step timing")
-    parser.add_argument("--compile-modes", nargs="*", default=["default", "reduce-overhead"],
-                        help="torch.compile modes of the decode step to time besides eager (none: eager only)")
+    parser.add_argument("--parts", nargs="+", choices=("check", "decode", "rl", "svf"), default=["check", "decode", "rl", "svf"])
+    parser.add_argument("--shapes", choices=list(SHAPES), default="Llama-3-8B")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the prompts and tokens")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=None,
+                        help="decode settings to time (default: eager, graphs, compiled+graphs on a GPU; eager, static on a CPU)")
+    parser.add_argument("--no-hf", action="store_true", help="do not time transformers' generate")
+    parser.add_argument("--svd-matrices", type=int, default=4, help="MLP matrices whose SVD is timed in the RL step")
+    parser.add_argument("--kl", type=float, default=0.1, help="λ of the RL step (> 0: the base model's forward runs "
+                        "in every micro-batch; the paper's default is 0)")
+    parser.add_argument("--rl-decode", choices=list(SETTINGS), default=None,
+                        help="decode setting of the RL step's rollouts (default: what train.py picks on the device)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py needs a CUDA GPU")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    correctness(torch.device("cuda"))
-    attention_probe()
-    warm_up_gpu()
-    for name in args.shapes:
-        speed(name, SHAPES[name], args.quick, args.compile_modes)
-    if not args.no_svf:
-        svf_step(args.shapes[0], SHAPES[args.shapes[0]])
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu.py: no CUDA GPU here; --device cpu --shapes tiny runs a smoke test on the CPU")
+    on_gpu = device.type == "cuda"
+    settings = args.settings or (["eager", "graphs", "compiled+graphs"] if on_gpu else ["eager", "static"])
+    if not on_gpu and any("graphs" in s for s in settings):
+        sys.exit("bench/gpu.py: CUDA graphs need a GPU")
+    rl_decode = args.rl_decode or ("compiled+graphs" if on_gpu else "eager")  # train.py's --compile auto
+    print(f"torch {torch.__version__}, {device_name(device)}, shapes {args.shapes}")
+    if "check" in args.parts:
+        check(device, settings)
+    warm_up_device(device)
+    config = SHAPES[args.shapes]
+    if "decode" in args.parts:
+        decode(args.shapes, config, device, settings, args.quick, not args.no_hf)
+    if "rl" in args.parts:
+        rl_step(args.shapes, config, device, args.quick, args.svd_matrices, args.kl, rl_decode)
+    if "svf" in args.parts:
+        svf_step(args.shapes, config, device, args.quick)
 
 
 if __name__ == "__main__":

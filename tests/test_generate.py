@@ -210,31 +210,104 @@ def test_a_prompt_that_fills_the_context_gets_an_empty_reply(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral_window"])
-def test_fixed_shape_decode_equals_full_forward(family, tmp_path, monkeypatch):
-    """The compiled decode step's path (every cache row, the whole rounded-up cache attended with a
-    mask), run eagerly, on ragged prompts, rows ending and refilled, past a sliding window."""
+def test_static_decode_equals_full_forward(family, tmp_path, monkeypatch):
+    """The static step (what is compiled and captured as CUDA graphs), run eagerly: rows padded up to a
+    batch bucket, keys up to a multiple of KEY_BLOCK, on ragged prompts, rows ending and refilled, past
+    a sliding window. Every step runs at one of the bounded shapes."""
     tiny_hf_model(family.split("_")[0], tmp_path, **FAMILIES[family])
     model, tokenizer = m.load(tmp_path, dtype=torch.float64, device="cpu")
-    prompts = random_prompts((3, 11, 7, 1, 6), seed=4)
+    prompts = random_prompts((3, 11, 7, 1, 6, 9, 2, 4), seed=4)
     free = gen.generate(model, tokenizer, prompts, max_new_tokens=14)
-    tokenizer.eos_ids = [free.tokens[2][5]]  # rows end at different steps
-    eager = gen.generate(model, tokenizer, prompts, max_new_tokens=14, batch_size=2, return_logprobs=True)
-    monkeypatch.setattr(gen, "compiled_decode", gen.decode_one_token)  # the step compile_decode would compile
-    fixed = gen.generate(model, tokenizer, prompts, max_new_tokens=14, batch_size=2, return_logprobs=True)
-    assert fixed.tokens == eager.tokens and len({len(t) for t in fixed.tokens}) > 1
-    check_against_full_forward(model, prompts, fixed)
+    tokenizer.eos_ids = [free.tokens[0][0]]  # rows end at different steps (1 to 14 tokens)
+    eager = gen.generate(model, tokenizer, prompts, max_new_tokens=14, batch_size=7, return_logprobs=True)
+    monkeypatch.setattr(gen, "KEY_BLOCK", 8)  # several key blocks within these short replies
+    shapes = []
+    real_run = gen.StaticStep.run
+    monkeypatch.setattr(gen.StaticStep, "run", lambda self, t, p, rows, n_keys: shapes.append((len(t), rows, n_keys))
+                        or real_run(self, t, p, rows, n_keys))
+    gen.configure_decode(static=True)
+    try:
+        static = gen.generate(model, tokenizer, prompts, max_new_tokens=14, batch_size=7, return_logprobs=True)
+    finally:
+        gen.use_eager_decode()
+    assert static.tokens == eager.tokens and len({len(t) for t in static.tokens}) > 1
+    check_against_full_forward(model, prompts, static)
+    cache_len = max(map(len, prompts)) + 14
+    assert all(rows == min(s for s in (1, 2, 3, 4, 6, 7) if s >= n) for n, rows, _ in shapes)
+    assert any(rows > n for n, rows, _ in shapes)  # e.g. 5 active rows run as 6
+    assert {n for _, _, n in shapes} <= {8, 16, 24, cache_len} and len({n for _, _, n in shapes}) >= 2
+
+
+def test_batch_buckets():
+    assert [gen.round_up(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
+    assert gen.batch_buckets(1) == [1]
+    assert gen.batch_buckets(5) == [1, 2, 3, 4, 5]
+    assert gen.batch_buckets(20) == [1, 2, 3, 4, 6, 8, 12, 16, 20]
+    assert gen.batch_buckets(256) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+
+
+def run_engine(model, tokenizer, sequences, batch_size, **engine_args):
+    engine = gen.Engine(model, tokenizer, batch_size, cache_len=64, **engine_args)
+    try:
+        for seq in sequences:
+            engine.add(seq)
+        while engine.busy():
+            engine.step()
+    finally:
+        engine.close()
+    return [(seq.tokens, seq.finish, seq.logprobs) for seq in sequences]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_overlapped_steps_equal_the_plain_order(tiny_llama, static, monkeypatch):
+    """Overlap (the GPU's default) launches the next step for every row before the host reads which rows
+    ended; forced on here, on the CPU. Rows ending by EOS, a stop string and their budget, refilled from
+    the queue, greedy and sampled rows in one batch, log-probabilities: all as without overlap."""
+    model, tokenizer = m.load(tiny_llama, dtype=torch.float64, device="cpu")
+    prompts = random_prompts((5, 2, 9, 4, 7, 3, 8), seed=11)
+    free = gen.generate(model, tokenizer, prompts, max_new_tokens=12)
+    tokenizer.eos_ids = [free.tokens[0][4]]
+    stop = [tokenizer.decode(free.tokens[1][6:8])]
+    monkeypatch.setattr(gen, "KEY_BLOCK", 4)
+
+    def sequences():
+        generator = torch.Generator().manual_seed(3)
+        return [gen.Sequence(p, 4 + 2 * i, temperature=0.0 if i % 2 else 1.0, generator=generator,
+                             stop=stop if i == 1 else None, want_logprobs=True) for i, p in enumerate(prompts)]
+
+    settings = gen.DecodeSettings(static=static)
+    plain = run_engine(model, tokenizer, sequences(), 3, overlap=False, settings=settings)
+    overlapped = run_engine(model, tokenizer, sequences(), 3, overlap=True, settings=settings)
+    assert [t for t, _, _ in overlapped] == [t for t, _, _ in plain]
+    assert {f for _, f, _ in plain} == {"eos", "stop", "length"}
+    assert [f for _, f, _ in overlapped] == [f for _, f, _ in plain]
+    for (_, _, a), (_, _, b) in zip(overlapped, plain):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-10)
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_full_forward(tiny_llama):
+def test_compiled_decode_equals_full_forward_in_few_compilations(tiny_llama, monkeypatch):
+    """The compiled static step over many shapes (rows ending, padded to buckets, keys in several blocks)
+    compiles twice (one row, and any other count), and later generate() calls whose cache fits in the
+    one kept from the first call compile nothing more."""
     model, tokenizer = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    monkeypatch.setattr(gen, "KEY_BLOCK", 4)
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
     gen.compile_decode()
     try:
-        prompts = [[5, 9, 17, 33], [7, 8], [9]]
-        out = gen.generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=2, return_logprobs=True)
+        prompts = random_prompts((4, 2, 1, 6, 3), seed=12)
+        out = gen.generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=4, return_logprobs=True)
+        first = counters["unique_graphs"] - before
+        again = gen.generate(model, tokenizer, prompts[:3], max_new_tokens=14, batch_size=3, return_logprobs=True)
+        more = gen.generate(model, tokenizer, prompts[1:], max_new_tokens=6, batch_size=4, return_logprobs=True)
     finally:
         gen.use_eager_decode()
+        model.clear_cache()
     check_against_full_forward(model, prompts, out, atol=1e-4)
+    check_against_full_forward(model, prompts[:3], again, atol=1e-4)
+    check_against_full_forward(model, prompts[1:], more, atol=1e-4)
+    assert 1 <= first <= 2 and counters["unique_graphs"] - before == first, (first, counters["unique_graphs"] - before)
 
 
 def test_dtype_probe_leaves_a_trainable_model(tiny_llama, monkeypatch):
@@ -259,20 +332,32 @@ def test_dtype_probe_times_at_most_128_rows(tiny_llama, monkeypatch):
     """A batch of 2**63 - 1 rows (the largest count the flags take) is timed at 128 rows, not allocated."""
     model, _ = m.load(tiny_llama, dtype=torch.float32, device="cpu")
     shapes = []
-    monkeypatch.setattr(model, "forward", lambda tokens: shapes.append(tuple(tokens.shape)))
+    monkeypatch.setattr(model, "decode", lambda tokens, positions, n_keys: shapes.append((len(tokens), n_keys)))
     common.probe_cpu_dtype(model, rows=2**63 - 1)
-    assert shapes and set(shapes) == {(128, 1)}
+    assert shapes and set(shapes) == {(128, common.PROBE_KEYS + 1)}
+
+
+def test_dtype_probe_times_a_decode_step_over_a_cache(tiny_llama, monkeypatch):
+    """The probe's step attends over PROBE_KEYS cached keys (attention is part of a dtype's cost): it runs
+    what generate's decode step runs, and the cache is gone afterwards."""
+    model, _ = m.load(tiny_llama, dtype=torch.float32, device="cpu")
+    seen = []
+    real_attention = m.decode_attention
+    monkeypatch.setattr(m, "decode_attention", lambda q, k, v, allowed: seen.append(k.shape[2]) or real_attention(q, k, v, allowed))
+    common.probe_cpu_dtype(model, rows=3)
+    assert seen and set(seen) == {common.PROBE_KEYS + 1}
+    assert all(layer.attn.cache is None for layer in model.layers)
 
 
 def test_dtype_probe_picks_the_faster(tiny_llama, monkeypatch):
     """The probe keeps whichever dtype its clock says is faster."""
     model, _ = m.load(tiny_llama, dtype=torch.float32, device="cpu")
     for slow, fast in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
-        def forward(tokens, slow=slow):  # a model whose cost depends on its weights' dtype
+        def decode(tokens, positions, n_keys, slow=slow):  # a model whose cost depends on its weights' dtype
             ticks[0] += 10 if model.embed.weight.dtype == slow else 1
         ticks = [0]
         monkeypatch.setattr(common.time, "perf_counter", lambda: ticks[0])
-        monkeypatch.setattr(model, "forward", forward)
+        monkeypatch.setattr(model, "decode", decode)
         chosen, seconds = common.probe_cpu_dtype(model, rows=4)
         assert chosen == fast and model.embed.weight.dtype == fast
         assert seconds == {slow: 10, fast: 1}
