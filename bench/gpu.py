@@ -20,9 +20,15 @@ Parts (each line printed names the device):
           seconds per phase and peak memory.
   svf     the SVF training step (forward + backward, mask on the MLP matrices, factored) eager and
           torch.compile'd, against the frozen model's forward + backward.
+  attention  per-shape cost of attention at the model's head shapes: each call on a shape met for the
+          first time against the same shapes again, for the decode step (model.decode_attention against
+          SDPA with a boolean mask, keys growing by one) and the packed training forward (SDPA with a
+          boolean mask), under torch's default SDPA backends and with cuDNN attention left out. A first
+          pass much slower than the second means plans built per shape.
 """
 
 import argparse
+import contextlib
 import math
 import sys
 import tempfile
@@ -381,6 +387,72 @@ def rl_step(name, config, device, quick, svd_matrices, kl, decode_setting):
         torch.cuda.empty_cache()
 
 
+# ---- attention
+
+
+def attention_probe(config, device, quick):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+    card = device_name(device)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    dtype = torch.bfloat16
+
+    def timed(call, shapes):
+        times = []
+        for shape in shapes:
+            inputs = call(shape, None)
+            sync(device)
+            start = time.perf_counter()
+            call(shape, inputs)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return 1e3 * sum(times) / len(times)
+
+    def decode_inputs(batch, n):
+        q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=dtype)
+        return q, k, torch.randn_like(k), torch.ones(batch, 1, 1, n, dtype=torch.bool, device=device)
+
+    def sdpa_decode(shape, inputs):
+        if inputs is None:
+            return decode_inputs(*shape)
+        q, k, v, mask = inputs
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def ours_decode(shape, inputs):
+        if inputs is None:
+            return decode_inputs(*shape)
+        q, k, v, mask = inputs
+        return m.decode_attention(q, k, v, mask)
+
+    def packed(shape, inputs):  # the training forward: replies packed after their prompt, a boolean mask
+        if inputs is None:
+            batch, n = shape
+            q = torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype)
+            k = torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=dtype)
+            mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None].expand(batch, 1, n, n)
+            return q, k, torch.randn_like(k), mask
+        q, k, v, mask = inputs
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    steps = 8 if quick else 32
+    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    print(f"== attention per shape, {heads} heads / {kv_heads} key-value heads of {head_dim}, bf16, {card} "
+          f"(ms per call: shapes met the first time / the same shapes again)")
+    for offset, (label, backends) in enumerate((("default SDPA backends", None), ("cuDNN attention left out", no_cudnn))):
+        if backends is not None and device.type != "cuda":
+            continue
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            for name, call, shapes in (
+                    ("decode, SDPA with a mask, batch 1", sdpa_decode, [(1, 100 + 500 * offset + i) for i in range(steps)]),
+                    ("decode, SDPA with a mask, batch 32", sdpa_decode, [(32, 200 + 500 * offset + i) for i in range(steps)]),
+                    ("decode, model.decode_attention, batch 32", ours_decode, [(32, 300 + 500 * offset + i) for i in range(steps)]),
+                    ("training forward, packed mask, batch 4", packed, [(4, 600 + 64 * offset + 8 * i) for i in range(steps // 4)])):
+                print(f"{label} | {name}: {timed(call, shapes):.2f} / {timed(call, shapes):.2f} | {card}")
+
+
 # ---- svf
 
 
@@ -432,7 +504,8 @@ def svf_step(name, config, device, quick, batch=8, seq=256, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=("check", "decode", "rl", "svf"), default=["check", "decode", "rl", "svf"])
+    parser.add_argument("--parts", nargs="+", choices=("check", "attention", "decode", "rl", "svf"),
+                        default=["check", "attention", "decode", "rl", "svf"])
     parser.add_argument("--shapes", choices=list(SHAPES), default="Llama-3-8B")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="a quarter of the prompts and tokens")
@@ -458,6 +531,8 @@ def main():
         check(device, settings)
     warm_up_device(device)
     config = SHAPES[args.shapes]
+    if "attention" in args.parts:
+        attention_probe(config, device, args.quick)
     if "decode" in args.parts:
         decode(args.shapes, config, device, settings, args.quick, not args.no_hf)
     if "rl" in args.parts:

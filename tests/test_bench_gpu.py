@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_gpu_runs_on_tiny_shapes_on_the_cpu():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--shapes", "tiny",
-                          "--quick", "--parts", "check", "decode", "rl"],
+                          "--quick", "--parts", "check", "attention", "decode", "rl"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
@@ -21,6 +21,6 @@ def test_bench_gpu_runs_on_tiny_shapes_on_the_cpu():
     assert all(": True" in line for line in checks), out.stdout
     parity = next(line for line in lines if "logits vs transformers" in line)
     assert float(parity.rsplit(" ", 1)[1]) < 1e-5, parity
-    for expected in ("ours           eager", "ours          static", "transformers eager sdpa", "| ours static |",
+    for expected in ("decode, model.decode_attention, batch 32", "ours           eager", "ours          static", "transformers eager sdpa", "| ours static |",
                      "rollouts:", "update:", "one RL step:"):
         assert any(expected in line for line in lines), (expected, out.stdout)
