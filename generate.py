@@ -243,13 +243,14 @@ def generate(
     desc: str = "generating",
     row_adapter=None,
     adapters: list[int] | None = None,
+    overlap: bool | None = None,
 ) -> Generation:
     """Replies for any number of token prompts, at most batch_size rows at a time (continuous batching).
 
     A row stops at an EOS token, when its text contains a stop string (cut before it), or after
     max_new_tokens (fewer when the prompt nearly fills the model's context). Prompts enter in order, so
     a seeded sampling run gives the same replies each time (for the same batch_size). With a row_adapter
-    (svf.RowAdapter), adapters[i] is the slot prompt i runs with.
+    (svf.RowAdapter), adapters[i] is the slot prompt i runs with. overlap: the Engine's (None: on a GPU).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty token prompts")
@@ -264,7 +265,7 @@ def generate(
     sequences = [Sequence(p, b, temperature, top_p, generator, stop, a, return_logprobs)
                  for p, b, a in zip(prompts, budget, adapters)]
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
-    engine = Engine(model, tokenizer, min(batch_size, len(prompts)), cache_len, row_adapter)
+    engine = Engine(model, tokenizer, min(batch_size, len(prompts)), cache_len, row_adapter, overlap=overlap)
     try:
         for seq in sequences:
             engine.add(seq)  # a prompt that fills the context ends at once, with an empty reply

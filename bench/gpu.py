@@ -112,19 +112,6 @@ def random_prompts(n, length, vocab, seed=0):
 # ---- check
 
 
-def run_engine(model, tokenizer, prompts, batch_size, new_tokens, overlap):
-    engine = gen.Engine(model, tokenizer, batch_size, max(map(len, prompts)) + new_tokens, overlap=overlap)
-    sequences = [gen.Sequence(p, new_tokens, want_logprobs=True) for p in prompts]
-    try:
-        for seq in sequences:
-            engine.add(seq)
-        while engine.busy():
-            engine.step()
-    finally:
-        engine.close()
-    return [seq.tokens for seq in sequences], [torch.tensor(seq.logprobs) for seq in sequences]
-
-
 def check(device, settings):
     name = device_name(device)
     with tempfile.TemporaryDirectory() as folder:
@@ -146,7 +133,8 @@ def check(device, settings):
         free = gen.generate(ours, tokenizer, prompts, max_new_tokens=24)
         tokenizer.eos_ids = [free.tokens[0][9]]  # rows end at different steps
         single = [gen.generate(ours, tokenizer, [p], max_new_tokens=24).tokens[0] for p in prompts]
-        reference, reference_logp = run_engine(ours, tokenizer, prompts, 3, 24, overlap=False)
+        plain = gen.generate(ours, tokenizer, prompts, max_new_tokens=24, batch_size=3, return_logprobs=True, overlap=False)
+        reference, reference_logp = plain.tokens, plain.logprobs
         lengths = sorted({len(t) for t in reference})
         print(f"check: batched (3 rows, 7 prompts, reply lengths {lengths}) == one prompt at a time: {reference == single}")
         for setting in dict.fromkeys(["eager", *settings]):
@@ -156,10 +144,11 @@ def check(device, settings):
             for overlap in (False, True):
                 if setting == "eager" and not overlap:
                     continue
-                out, logp = run_engine(ours, tokenizer, prompts, 3, 24, overlap)
-                worst = max((a - b).abs().max().item() for a, b in zip(logp, reference_logp) if len(a) == len(b))
+                out = gen.generate(ours, tokenizer, prompts, max_new_tokens=24, batch_size=3, return_logprobs=True,
+                                   overlap=overlap)
+                worst = max((a - b).abs().max().item() for a, b in zip(out.logprobs, reference_logp) if len(a) == len(b))
                 print(f"check: decode {setting}, overlap {'on' if overlap else 'off'} == eager, overlap off (fp32, {name}): "
-                      f"{out == reference}; max |log p diff| {worst:.1e}")
+                      f"{out.tokens == reference}; max |log p diff| {worst:.1e}")
         gen.use_eager_decode()
 
 
