@@ -293,6 +293,16 @@ DTYPE_HELP = ("weights' dtype: auto = bf16 on a GPU; on a CPU bf16 where it has 
               "quick probe at load finds it faster, else fp32 (T2_DTYPE=fp32|bf16 fixes it). Logits are fp32 either way")
 
 
+def to_device(values, device) -> torch.Tensor:
+    """A list of ints (or a CPU tensor) on `device`. To a GPU through pinned memory and without waiting: a
+    plain copy from pageable host memory first waits for every kernel already launched, which would stall
+    a host that launches the next decode step before reading the last one's tokens (generate.Engine)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def cast_weights(model: torch.nn.Module, dtype: torch.dtype):
     """Every parameter to dtype, in place (the rotary frequencies stay fp32)."""
     for p in model.parameters():

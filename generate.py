@@ -84,8 +84,8 @@ def prefill(model, prompts: list[list[int]], rows: torch.Tensor, pad_id: int):
     tokens = torch.full((len(prompts), max(map(len, prompts))), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    return model.prefill(tokens.to(device), lengths, rows)
+    lengths = common.to_device([len(p) for p in prompts], device)
+    return model.prefill(common.to_device(tokens, device), lengths, rows)
 
 
 def decode_one_token(model, tokens, positions, n_keys: int):
@@ -348,13 +348,13 @@ class Engine:
         if self.static is None:
             model.setup_cache(batch_size, cache_len)
         else:
-            # A compiled step specialises on the cache's shape, so static steps keep one cache from call to
-            # call (the larger of the sizes asked for, its length rounded up to 1, 1.5, 2, 3, 4, 6, ...
+            # A compiled step specialises on the cache's shape, so static steps get a cache of one shape
+            # from call to call (the largest asked for, its length rounded up to 1, 1.5, 2, 3, 4, 6, ...
             # blocks), and compile again only when it grows. Its keys are never a whole cache row (one slot
             # more than any step attends to): a whole row is a contiguous slice, which the compiler would
             # take for another shape.
             blocks = min(round_up(-(-(cache_len + 1) // KEY_BLOCK)), -(-(model.args.max_seq_len + 1) // KEY_BLOCK))
-            model.setup_cache(batch_size, blocks * KEY_BLOCK, keep_larger=True)
+            model.setup_cache(batch_size, blocks * KEY_BLOCK, at_least_largest=True)
 
     def add(self, seq: Sequence):
         """Queue a sequence; its budget is cut to what fits the cache after its prompt."""
@@ -376,9 +376,7 @@ class Engine:
         return bool(self.waiting or self.rows)
 
     def close(self):
-        """Free the KV cache; a static step's stays for the next call (model.clear_cache() frees it)."""
-        if self.static is None:
-            self.model.clear_cache()
+        self.model.clear_cache()
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
@@ -422,12 +420,7 @@ class Engine:
         return stepped
 
     def _on_device(self, values: list[int]) -> torch.Tensor:
-        """A list of ints as a tensor on the model's device. On a GPU through pinned memory and without
-        waiting: a plain copy from the host would first wait for every kernel already launched."""
-        tensor = torch.tensor(values, dtype=torch.long)
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return common.to_device(values, self.device)
 
     def _leave(self, ended: list[int]) -> list[int]:
         """Ended rows leave; the last row moves into each hole, so the active rows stay 0..n-1. Returns,
@@ -469,8 +462,7 @@ class Engine:
         for rows in _prefill_groups(list(to_prefill.values()), [len(self.rows[r].prompt) for r in to_prefill.values()]):
             if self.row_adapter is not None:
                 self.row_adapter.set_rows([self.rows[r].adapter for r in rows])
-            out = prefill(self.model, [self.rows[r].prompt for r in rows], torch.tensor(rows, device=self.device),
-                          self.tokenizer.pad_id)
+            out = prefill(self.model, [self.rows[r].prompt for r in rows], self._on_device(rows), self.tokenizer.pad_id)
             fresh.update(zip(rows, out))
         logits = []
         for r, seq in enumerate(entering, first_row):
@@ -499,8 +491,8 @@ class Engine:
             self.logits = decode_one_token(self.model, tokens, self.positions, n_keys)
         else:
             rows, n_keys = self.static.shape(len(self.rows), n_keys)
-            if self.row_adapter is not None:
-                self.row_adapter.set_rows(slots + [0] * (rows - len(slots)))
+            if self.row_adapter is not None:  # padding rows take the first row's slot: one slot keeps the dense path
+                self.row_adapter.set_rows(slots + slots[:1] * (rows - len(slots)))
             self.logits = self.static.run(tokens, self.positions, rows, n_keys)
         self.position = [p + 1 for p in self.position]
         self.positions = self.positions + 1  # a new tensor: a step still queued on the GPU may read the old one

@@ -252,6 +252,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.largest_cache = (0, 0)  # rows and slots: setup_cache(at_least_largest=True)
 
     def forward(self, tokens, last_only: bool = False):
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only."""
@@ -298,17 +299,14 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, allowed[:, None, None, :], positions=positions, n_keys=n_keys)
         return self.lm_head(self.norm(x)[:, 0]).float()  # (B, vocab)
 
-    def setup_cache(self, batch_size: int, max_len: int, keep_larger: bool = False):
-        """A KV cache of batch_size rows of max_len slots in every layer. keep_larger: keep the cache there
-        is if it has at least that many rows and slots (in the weights' dtype), else make one with the
-        larger of each, so that calls that alternate between sizes settle on one cache."""
+    def setup_cache(self, batch_size: int, max_len: int, at_least_largest: bool = False):
+        """A KV cache of batch_size rows of max_len slots in every layer. at_least_largest: as many rows and
+        slots as the most asked for so far this way, so that calls of different sizes get one shape (a
+        compiled decode step specialises on it)."""
+        if at_least_largest:
+            batch_size, max_len = max(self.largest_cache[0], batch_size), max(self.largest_cache[1], max_len)
+            self.largest_cache = (batch_size, max_len)
         p = self.embed.weight
-        old = self.layers[0].attn.cache
-        if keep_larger and old is not None and old.k.dtype == p.dtype:
-            rows, length = old.k.shape[0], old.k.shape[2]
-            if rows >= batch_size and length >= max_len:
-                return
-            batch_size, max_len = max(rows, batch_size), max(length, max_len)
         self.clear_cache()  # the old cache's memory is free before the new one is made
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)

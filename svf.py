@@ -564,12 +564,12 @@ class RowAdapter:
             for r, s in enumerate(slots):
                 groups.setdefault(s, []).append(r)
             device = self.layers[0].S.device
-            index = {s: torch.tensor(rows, device=device) for s, rows in groups.items()}
+            index = {s: common.to_device(rows, device) for s, rows in groups.items()}
             for i, layer in enumerate(self.layers):
                 layer.row_weight = None
                 layer.row_groups = [(index[s], self.dense[s][i]) for s in groups]
             return
-        index = torch.tensor(slots, device=self.layers[0].S.device)
+        index = common.to_device(slots, self.layers[0].S.device)
         for layer, sigma in zip(self.layers, self.sigma):
             layer.row_weight, layer.row_groups, layer.row_sigma = None, None, sigma[index]
 

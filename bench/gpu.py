@@ -33,6 +33,7 @@ import math
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -146,7 +147,8 @@ def check(device, settings):
                     continue
                 out = gen.generate(ours, tokenizer, prompts, max_new_tokens=24, batch_size=3, return_logprobs=True,
                                    overlap=overlap)
-                worst = max((a - b).abs().max().item() for a, b in zip(out.logprobs, reference_logp) if len(a) == len(b))
+                worst = max(((a - b).abs().max().item() for a, b in zip(out.logprobs, reference_logp) if len(a) == len(b)),
+                            default=float("nan"))
                 print(f"check: decode {setting}, overlap {'on' if overlap else 'off'} == eager, overlap off (fp32, {name}): "
                       f"{out.tokens == reference}; max |log p diff| {worst:.1e}")
         gen.use_eager_decode()
@@ -195,16 +197,18 @@ class Captures:
         gen.StaticStep._capture = counted
 
 
-def time_ours(model, prompts, new_tokens, batch, device):
-    """(first run s, timed run s): the first run meets every shape (compiles, captures) at the timed ones."""
+def time_ours(model, prompts, new_tokens, batch, device, captures):
+    """(first run s, timed run s, graphs captured in the timed run, their seconds): the first run meets
+    every shape (compiles) at the timed ones; graphs are captured anew in each generate() call."""
     times = []
     for _ in range(2):
+        captures.count, captures.seconds = 0, 0.0
         sync(device)
         start = time.perf_counter()
         gen.generate(model, NoTokenizer(), prompts, max_new_tokens=new_tokens, batch_size=batch)
         sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    return (*times, captures.count, captures.seconds)
 
 
 def hf_model(config, device):
@@ -253,16 +257,15 @@ def decode(name, config, device, settings, quick, with_hf):
         gen.configure_decode(**SETTINGS[setting])
         for workload, n, prompt_len, new_tokens, batch in workloads:
             prompts = random_prompts(n, prompt_len, config["vocab_size"])
-            captures.count, captures.seconds = 0, 0.0
             compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-            first, timed = time_ours(model, prompts, new_tokens, batch, device)
+            first, timed, captured, capture_seconds = time_ours(model, prompts, new_tokens, batch, device, captures)
             results[(setting, workload)] = n * new_tokens / timed
             compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
             print(f"ours {setting:>15} | {workload:>8} ({n} x {prompt_len} -> {new_tokens}, batch {batch}) | "
                   f"{results[(setting, workload)]:,.1f} tok/s" +
                   (f" ({results[(setting, workload)] / bound:.0%} of the bound)" if batch == 1 else "") +
-                  f" | first run {first:.1f} s, {captures.count} graphs captured in {captures.seconds:.1f} s, "
-                  f"{compiled} graphs compiled | {card}")
+                  f" | timed run {timed:.1f} s incl. {captured} graphs captured in {capture_seconds:.1f} s | first run "
+                  f"{first:.1f} s incl. {compiled} compilations | {card}")
     gen.use_eager_decode()
     gen._compiled_steps.clear()
     torch._dynamo.reset()  # compiled code may hold the model: free its memory before transformers' copy
@@ -339,6 +342,7 @@ def rl_step(name, config, device, quick, svd_matrices, kl, decode_setting):
     prompts = random_prompts(prompts_n, prompt_len, config["vocab_size"])
     gen.configure_decode(**SETTINGS[decode_setting])
     phases = {}
+    micro = paper.micro_batch
     for attempt in ("first", "timed"):  # the first step meets every shape (compiles, captures)
         sync(device)
         start = time.perf_counter()
@@ -349,8 +353,7 @@ def rl_step(name, config, device, quick, svd_matrices, kl, decode_setting):
         rewards = torch.tensor([1.0 if i % 3 == 0 else -1.0 for i in range(prompts_n)])  # a reward is a number
         rollouts = reinforce.Rollouts(prompts, out.tokens, out.texts, [r > 0 for r in rewards.tolist()], rewards)
         start = time.perf_counter()
-        stats = reinforce.train_step(model, adapter, rollouts, optimizer, scheduler, baseline=paper.baseline,
-                                     kl_coef=kl, micro_batch=paper.micro_batch, clip=paper.clip)
+        stats, micro = update(model, adapter, rollouts, optimizer, scheduler, paper, kl, micro, device)
         sync(device)
         phases[attempt] = (rollout_seconds, time.perf_counter() - start, stats)
     gen.use_eager_decode()
@@ -360,7 +363,7 @@ def rl_step(name, config, device, quick, svd_matrices, kl, decode_setting):
           f"{gen_batch} rows, decode {decode_setting}: {rollout_seconds:.1f} s, {tokens / rollout_seconds:,.0f} tok/s "
           f"(first step {phases['first'][0]:.1f} s) | {card}")
     print(f"update: packed policy gradient + KL (λ = {kl}) over {prompts_n} replies in micro-batches of "
-          f"{paper.micro_batch}, AdamW: {update_seconds:.1f} s (first step {phases['first'][1]:.1f} s); "
+          f"{micro}{'' if micro == paper.micro_batch else f' (the paper preset {paper.micro_batch} ran out of memory)'}, AdamW: {update_seconds:.1f} s (first step {phases['first'][1]:.1f} s); "
           f"kl {stats['kl']:.2e}, grad norm {stats['grad_norm']:.2e} | {card}")
     step = rollout_seconds + update_seconds
     print(f"one RL step: {step:.1f} s; peak memory {peak_memory(device)} | {card}")
@@ -442,6 +445,22 @@ def attention_probe(config, device, quick):
                 print(f"{label} | {name}: {timed(call, shapes):.2f} / {timed(call, shapes):.2f} | {card}")
 
 
+def update(model, adapter, rollouts, optimizer, scheduler, paper, kl, micro, device):
+    """reinforce.train_step at micro-batch `micro`, halved until it fits in memory; (stats, micro used)."""
+    while True:
+        try:
+            return reinforce.train_step(model, adapter, rollouts, optimizer, scheduler, baseline=paper.baseline,
+                                        kl_coef=kl, micro_batch=micro, clip=paper.clip), micro
+        except torch.cuda.OutOfMemoryError:
+            pass  # retried outside the except block: the traceback's frames hold the activations
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if micro == 1:
+            raise SystemExit("update: out of memory at micro-batch 1")
+        micro //= 2
+        print(f"update: out of memory; again at micro-batch {micro}", flush=True)
+
+
 # ---- svf
 
 
@@ -507,6 +526,7 @@ def main():
     parser.add_argument("--rl-decode", choices=list(SETTINGS), default=None,
                         help="decode setting of the RL step's rollouts (default: what train.py picks on the device)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a run cut off by its time limit keeps what it printed
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA GPU here; --device cpu --shapes tiny runs a smoke test on the CPU")
@@ -516,18 +536,27 @@ def main():
         sys.exit("bench/gpu.py: CUDA graphs need a GPU")
     rl_decode = args.rl_decode or ("compiled+graphs" if on_gpu else "eager")  # train.py's --compile auto
     print(f"torch {torch.__version__}, {device_name(device)}, shapes {args.shapes}")
-    if "check" in args.parts:
-        check(device, settings)
-    warm_up_device(device)
     config = SHAPES[args.shapes]
-    if "attention" in args.parts:
-        attention_probe(config, device, args.quick)
-    if "decode" in args.parts:
-        decode(args.shapes, config, device, settings, args.quick, not args.no_hf)
-    if "rl" in args.parts:
-        rl_step(args.shapes, config, device, args.quick, args.svd_matrices, args.kl, rl_decode)
-    if "svf" in args.parts:
-        svf_step(args.shapes, config, device, args.quick)
+    parts = {"check": lambda: check(device, settings),
+             "attention": lambda: attention_probe(config, device, args.quick),
+             "decode": lambda: decode(args.shapes, config, device, settings, args.quick, not args.no_hf),
+             "rl": lambda: rl_step(args.shapes, config, device, args.quick, args.svd_matrices, args.kl, rl_decode),
+             "svf": lambda: svf_step(args.shapes, config, device, args.quick)}
+    failed = []
+    for name in [p for p in parts if p in args.parts]:
+        if name != "check":
+            warm_up_device(device)
+        start = time.perf_counter()
+        try:  # a part that fails does not cost the parts after it
+            parts[name]()
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+            failed.append(name)
+        print(f"[{name}] {'FAILED, ' if name in failed else ''}{time.perf_counter() - start:.0f} s | {device_name(device)}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if failed:
+        sys.exit(f"bench/gpu.py: failed parts: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def test_overlapped_steps_equal_the_plain_order(tiny_llama, static, monkeypatch)
 def test_compiled_decode_equals_full_forward_in_few_compilations(tiny_llama, monkeypatch):
     """The compiled static step over many shapes (rows ending, padded to buckets, keys in several blocks)
     compiles twice (one row, and any other count), and later generate() calls whose cache fits in the
-    one kept from the first call compile nothing more."""
+    first call's shape (static steps get the largest shape asked for so far) compile nothing more."""
     model, tokenizer = m.load(tiny_llama, dtype=torch.float32, device="cpu")
     monkeypatch.setattr(gen, "KEY_BLOCK", 4)
     counters = torch._dynamo.utils.counters["stats"]
