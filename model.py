@@ -209,6 +209,11 @@ def decode_attention(q, k, v, allowed):
     speed"); in fp32 the two were alike."""
     B, n_heads, _, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    if k.device.type == "cpu" and k.dtype == torch.bfloat16:
+        # The CPU's bf16 batched product reads a cache slice (each row's keys a whole cache row apart) about
+        # 3x slower than a contiguous copy of it, copy included (README, "Generation speed"); in fp32 and on
+        # a GPU the slice is read as fast, and a copy would only add traffic.
+        k, v = k.contiguous(), v.contiguous()
     q = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # query head h uses key/value head h // group
     scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * head_dim ** -0.5
     scores = scores.masked_fill(~allowed.view(B, 1, 1, n_keys), float("-inf"))  # (B, n_kv_heads, group, n_keys)
