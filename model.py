@@ -211,8 +211,8 @@ def decode_attention(q, k, v, allowed):
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     if k.device.type == "cpu" and k.dtype == torch.bfloat16:
         # The CPU's bf16 batched product reads a cache slice (each row's keys a whole cache row apart) about
-        # 3x slower than a contiguous copy of it, copy included (README, "Generation speed"); in fp32 and on
-        # a GPU the slice is read as fast, and a copy would only add traffic.
+        # 2.5x slower than a contiguous copy of it, copy included (README, "Generation speed"). In fp32 the
+        # copy costs more than it saves; on a GPU it would add a read and a write of the cache (not timed).
         k, v = k.contiguous(), v.contiguous()
     q = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim)  # query head h uses key/value head h // group
     scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * head_dim ** -0.5
