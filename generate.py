@@ -110,6 +110,9 @@ class DecodeSettings:
     graphs: bool = False  # capture each shape as a CUDA graph (GPU only)
     mode: str | None = None  # torch.compile's mode ("reduce-overhead": inductor's own CUDA graphs)
 
+    def __post_init__(self):
+        object.__setattr__(self, "static", self.static or self.compile or self.graphs)  # frozen: set once here
+
 
 decode_settings = DecodeSettings()
 KEY_BLOCK = 128  # a static step attends over the cache up to the next multiple of this
@@ -122,7 +125,7 @@ def configure_decode(compile: bool = False, graphs: bool = False, mode: str | No
     global decode_settings
     if graphs and not torch.cuda.is_available():
         raise ValueError("CUDA graphs need a CUDA GPU; on a CPU use compile=True or the eager step")
-    decode_settings = DecodeSettings(static or compile or graphs, compile, graphs, mode)
+    decode_settings = DecodeSettings(static, compile, graphs, mode)
 
 
 def setup_decode(compile: bool, device) -> str:
@@ -154,14 +157,10 @@ def round_up(n: int) -> int:
 
 
 def batch_buckets(batch_size: int) -> list[int]:
-    """The batch sizes a static step runs: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5
-    times them) up to batch_size, and batch_size itself. A step pads its rows up to the next size, so
-    it computes at most 1.5x the rows it needs (nano-vllm pads to 1, 2, 4, 8 and multiples of 16)."""
-    sizes, power = {batch_size}, 1
-    while power < batch_size:
-        sizes.update(s for s in (power, power * 3 // 2) if 0 < s < batch_size)
-        power *= 2
-    return sorted(sizes)
+    """The batch sizes a static step runs: round_up's sizes below batch_size, and batch_size itself. A
+    step pads its rows up to the next size, so it computes at most 1.5x the rows it needs (nano-vllm
+    pads to 1, 2, 4, 8 and multiples of 16)."""
+    return sorted({min(round_up(n), batch_size) for n in range(1, batch_size + 1)})
 
 
 class StaticStep:

@@ -246,6 +246,11 @@ def test_batch_buckets():
     assert gen.batch_buckets(256) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 
 
+def test_compiled_or_captured_steps_are_static():
+    assert gen.DecodeSettings(compile=True).static and gen.DecodeSettings(graphs=True).static
+    assert not gen.DecodeSettings().static and gen.DecodeSettings(static=True).static
+
+
 def run_engine(model, tokenizer, sequences, batch_size, **engine_args):
     engine = gen.Engine(model, tokenizer, batch_size, cache_len=64, **engine_args)
     try:
